@@ -1,0 +1,414 @@
+"""Temporal action detection: ground truth and prediction readers, and the two standard evaluators.
+
+Two evaluators are in common use and give different numbers for the same detections, so every
+`DetectionResult` carries the name of the one that made it (see docs/detection.md):
+
+- `"anet"` follows ActivityNet's official `Evaluation/eval_detection.py`
+  (`ANETdetection` + `compute_average_precision_detection`, github.com/activitynet/ActivityNet):
+  prediction-centric matching with tIoU >= threshold, interpolated (VOC-style) AP,
+  default thresholds 0.50:0.05:0.95.
+- `"thumos14"` follows the THUMOS14 evaluation kit's `TH14evalDet.m` / `TH14eventdetpr.m`
+  (crcv.ucf.edu/THUMOS14): ground-truth-centric matching with overlap strictly greater than the
+  threshold, detections overlapping an "Ambiguous" region are dropped from the false positives,
+  non-interpolated AP, default thresholds 0.1:0.1:0.7.
+
+Both score every class that has ground truth; a class with no predictions scores AP 0 (as the later
+ActivityNet code and `TH14evalDet_Updated.m` do), and predicted labels without ground truth are left
+out and listed in `DetectionResult.ignored_labels`. Predictions on videos that have no ground truth of
+their class are false positives, as in both official tools: pass only the evaluated subset's videos.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+ANET_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.55, ..., 0.95
+THUMOS14_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 8))  # 0.1, 0.2, ..., 0.7
+EVALUATORS = ("anet", "thumos14")
+
+
+def _check_segment(what: str, video: str, start: float, end: float) -> None:
+    if not (np.isfinite(start) and np.isfinite(end)) or end < start:
+        raise ValueError(f"{what} in video {video!r} has segment [{start}, {end}]; need finite start <= end")
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """One annotated action instance: `label` happens in `video` from `start` to `end` seconds."""
+
+    video: str
+    label: str
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        _check_segment(f"ground truth {self.label!r}", self.video, self.start, self.end)
+
+
+@dataclass(frozen=True)
+class AmbiguousRegion:
+    """A THUMOS14 "Ambiguous" span of `video` (seconds): detections there are not false positives."""
+
+    video: str
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        _check_segment("ambiguous region", self.video, self.start, self.end)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One predicted action instance with its confidence `score` (higher is more confident)."""
+
+    video: str
+    label: str
+    start: float
+    end: float
+    score: float
+
+    def __post_init__(self) -> None:
+        _check_segment(f"detection {self.label!r}", self.video, self.start, self.end)
+        if not np.isfinite(self.score):
+            raise ValueError(f"detection {self.label!r} in video {self.video!r} has score {self.score}")
+
+
+@dataclass(frozen=True)
+class GroundTruthSet:
+    """Everything an evaluator needs to know about the truth.
+
+    Attributes:
+        instances: the annotated actions, in file order (THUMOS14 matches ground truth in this order).
+        ambiguous: THUMOS14 "Ambiguous" regions (empty for ActivityNet files); only `thumos14` uses them.
+        videos: every video of the subset, including videos without annotations.
+    """
+
+    instances: tuple[GroundTruth, ...]
+    ambiguous: tuple[AmbiguousRegion, ...] = ()
+    videos: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """Mean average precision of detections, labelled with the evaluator that computed it.
+
+    Attributes:
+        evaluator: "anet" or "thumos14".
+        thresholds: (T,) tIoU thresholds.
+        ap: class name -> (T,) AP at each threshold, for every class with ground truth.
+        map: (T,) mean over classes of the AP at each threshold.
+        average_map: mean of `map` over thresholds.
+        ignored_labels: predicted labels that have no ground truth (not scored).
+    """
+
+    evaluator: str
+    thresholds: tuple[float, ...]
+    ap: dict[str, tuple[float, ...]]
+    map: tuple[float, ...]
+    average_map: float
+    ignored_labels: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------------------- readers
+
+
+def read_activitynet_ground_truth(path: str | Path, *, subset: str | None = None) -> GroundTruthSet:
+    """Read an ActivityNet-style ground-truth JSON.
+
+    The format is `{"database": {video: {"subset": ..., "annotations": [{"segment": [s, e],
+    "label": name}, ...]}}}`; other keys (`taxonomy`, `version`, `duration`, ...) are ignored.
+
+    Args:
+        path: the JSON file.
+        subset: keep only videos whose `"subset"` equals this (the official tool uses
+            "validation"); None keeps every video.
+
+    Returns:
+        The ground truth (no ambiguous regions).
+    """
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "database" not in data:
+        raise ValueError(f"{path} has no 'database' key; expected ActivityNet ground truth JSON")
+    instances, videos, subsets = [], [], set()
+    for video, entry in data["database"].items():
+        subsets.add(entry.get("subset"))
+        if subset is not None and entry.get("subset") != subset:
+            continue
+        videos.append(video)
+        for ann in entry.get("annotations", []):
+            start, end = ann["segment"]
+            instances.append(GroundTruth(video, str(ann["label"]), float(start), float(end)))
+    if subset is not None and not videos:
+        raise ValueError(f"{path} has no video in subset {subset!r}; its subsets are {sorted(map(str, subsets))}")
+    return GroundTruthSet(tuple(instances), (), tuple(videos))
+
+
+def _read_thumos_file(path: Path) -> list[tuple[str, float, float]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{number}: expected '<video> <start> <end>', got {line!r}")
+        rows.append((parts[0], float(parts[1]), float(parts[2])))
+    return rows
+
+
+def read_thumos14_ground_truth(folder: str | Path, *, subset: str | None = None) -> GroundTruthSet:
+    """Read THUMOS14 temporal annotations: one `<Class>_<subset>.txt` per class in `folder`.
+
+    Each line is `<video> <start seconds> <end seconds>`; `Ambiguous_<subset>.txt` holds the ambiguous
+    regions. Other files (e.g. `detclasslist.txt`) are ignored.
+
+    Args:
+        folder: the annotation folder.
+        subset: "val" or "test" (the file suffix); None picks the only subset present.
+
+    Returns:
+        The ground truth, in file order (classes sorted by name), with its ambiguous regions.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder of THUMOS14 '<Class>_<subset>.txt' files")
+    files = sorted(p for p in folder.glob("*_*.txt"))
+    present = sorted({p.stem.rsplit("_", 1)[1] for p in files})
+    if subset is None:
+        if len(present) != 1:
+            raise ValueError(f"{folder} holds subsets {present}; pass subset= one of them")
+        subset = present[0]
+    files = [p for p in files if p.stem.rsplit("_", 1)[1] == subset]
+    if not files:
+        raise ValueError(f"{folder} has no '<Class>_{subset}.txt' files; its subsets are {present}")
+    instances, ambiguous = [], []
+    for path in files:
+        label = path.stem.rsplit("_", 1)[0]
+        for video, start, end in _read_thumos_file(path):
+            if label == "Ambiguous":
+                ambiguous.append(AmbiguousRegion(video, start, end))
+            else:
+                instances.append(GroundTruth(video, label, start, end))
+    videos = sorted({g.video for g in instances} | {a.video for a in ambiguous})
+    return GroundTruthSet(tuple(instances), tuple(ambiguous), tuple(videos))
+
+
+def read_ground_truth(path: str | Path, *, subset: str | None = None) -> GroundTruthSet:
+    """ActivityNet JSON (a file) or THUMOS14 annotation folder (a directory), by what `path` is."""
+    if Path(path).is_dir():
+        return read_thumos14_ground_truth(path, subset=subset)
+    return read_activitynet_ground_truth(path, subset=subset)
+
+
+def read_activitynet_predictions(path: str | Path) -> list[Detection]:
+    """Read an ActivityNet results JSON.
+
+    The format is `{"version": ..., "results": {video: [{"label": name, "score": s,
+    "segment": [start, end]}, ...]}, "external_data": {...}}`; only `results` is required.
+
+    Returns:
+        The detections, in file order.
+    """
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or "results" not in data:
+        raise ValueError(f"{path} has no 'results' key; expected an ActivityNet results JSON")
+    return [
+        Detection(video, str(r["label"]), float(r["segment"][0]), float(r["segment"][1]), float(r["score"]))
+        for video, rows in data["results"].items()
+        for r in rows
+    ]
+
+
+# -------------------------------------------------------------------------------------- matching
+
+
+def temporal_iou(segment: Sequence[float], others: np.ndarray) -> np.ndarray:
+    """tIoU of one `[start, end]` with each row of `others` (K, 2); 0 where the union is empty.
+
+    Same formula as ActivityNet's `utils.segment_iou` and THUMOS14's `intervaloverlapvalseconds`
+    (which only counts a strictly positive intersection; both agree since the IoU is 0 otherwise).
+    """
+    others = np.asarray(others, dtype=np.float64).reshape(-1, 2)
+    inter = (np.minimum(segment[1], others[:, 1]) - np.maximum(segment[0], others[:, 0])).clip(0)
+    union = (others[:, 1] - others[:, 0]) + (segment[1] - segment[0]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def interpolated_ap(precision: np.ndarray, recall: np.ndarray) -> float:
+    """ActivityNet's `interpolated_prec_rec`: area under the precision-recall curve after making
+    precision monotonically decreasing, summed over the points where recall changes."""
+    mprec = np.concatenate([[0.0], precision, [0.0]])
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mprec = np.maximum.accumulate(mprec[::-1])[::-1]
+    idx = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[idx] - mrec[idx - 1]) * mprec[idx]))
+
+
+def _anet_class_ap(gts: list[GroundTruth], dets: list[Detection], thresholds: Sequence[float]) -> np.ndarray:
+    """Per-threshold AP of one class, as ActivityNet's `compute_average_precision_detection`."""
+    ap = np.zeros(len(thresholds))
+    if not dets:
+        return ap
+    gt_by_video: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(gts):
+        gt_by_video[g.video].append(i)
+    gt_segments = np.array([[g.start, g.end] for g in gts], dtype=np.float64)
+    # Decreasing score. The official code uses argsort()[::-1]; a stable sort keeps ties in input order.
+    order = np.argsort(-np.array([d.score for d in dets]), kind="stable")
+    locked = np.zeros((len(thresholds), len(gts)), dtype=bool)  # ground truth already matched
+    tp = np.zeros((len(thresholds), len(dets)))
+    for rank, k in enumerate(order):
+        det = dets[k]
+        candidates = gt_by_video.get(det.video, [])
+        if not candidates:
+            continue  # no ground truth of this class in the video: false positive at every threshold
+        tiou = temporal_iou((det.start, det.end), gt_segments[candidates])
+        by_tiou = np.argsort(-tiou, kind="stable")  # best overlap first
+        for t, threshold in enumerate(thresholds):
+            for j in by_tiou:
+                if tiou[j] < threshold:
+                    break  # the rest overlap even less: false positive
+                if not locked[t, candidates[j]]:
+                    locked[t, candidates[j]] = True
+                    tp[t, rank] = 1.0
+                    break
+    tp_cum = np.cumsum(tp, axis=1)
+    fp_cum = np.cumsum(1.0 - tp, axis=1)
+    for t in range(len(thresholds)):
+        ap[t] = interpolated_ap(tp_cum[t] / (tp_cum[t] + fp_cum[t]), tp_cum[t] / len(gts))
+    return ap
+
+
+def _thumos_class_ap(
+    gts: list[GroundTruth],
+    dets: list[Detection],
+    ambiguous: Sequence[AmbiguousRegion],
+    threshold: float,
+) -> float:
+    """AP of one class at one threshold, as THUMOS14's `TH14eventdetpr.m` + `prap`."""
+    gt_by_video: dict[str, list[GroundTruth]] = defaultdict(list)
+    for g in gts:
+        gt_by_video[g.video].append(g)
+    det_by_video: dict[str, list[Detection]] = defaultdict(list)
+    for d in dets:
+        det_by_video[d.video].append(d)
+    amb_by_video: dict[str, list[AmbiguousRegion]] = defaultdict(list)
+    for a in ambiguous:
+        amb_by_video[a.video].append(a)
+
+    kept: list[tuple[float, bool]] = []  # (confidence, is true positive), videos in sorted order
+    for video in sorted(det_by_video):
+        vdets = sorted(det_by_video[video], key=lambda d: -d.score)  # stable, like MATLAB's sort
+        segments = np.array([[d.start, d.end] for d in vdets], dtype=np.float64)
+        free = np.ones(len(vdets), dtype=bool)
+        # Ground-truth-centric: each ground truth, in file order, takes the free detection with the
+        # largest overlap (the first, i.e. most confident, on ties) if that overlap is > threshold.
+        for g in gt_by_video.get(video, []):
+            candidates = np.flatnonzero(free)
+            if len(candidates) == 0:
+                break
+            ov = temporal_iou((g.start, g.end), segments[candidates])
+            best = int(np.argmax(ov))
+            if ov[best] > threshold:
+                free[candidates[best]] = False
+        # An unmatched detection that overlaps any ambiguous region at all is dropped, not a false positive.
+        in_ambiguous = np.zeros(len(vdets), dtype=bool)
+        for a in amb_by_video.get(video, []):
+            in_ambiguous |= temporal_iou((a.start, a.end), segments) > 0
+        for det, is_free, is_ambiguous in zip(vdets, free, in_ambiguous):
+            if not (is_free and is_ambiguous):
+                kept.append((det.score, not is_free))
+    if not kept:
+        return 0.0
+    kept.sort(key=lambda row: -row[0])  # stable
+    is_tp = np.array([row[1] for row in kept])
+    tp_cum = np.cumsum(is_tp)
+    precision = tp_cum / np.arange(1, len(is_tp) + 1)
+    # Non-interpolated: the precision at each true positive, summed and divided by the ground truth count.
+    return float(precision[is_tp].sum() / len(gts))
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_detection(
+    predictions: Iterable[Detection],
+    ground_truth: GroundTruthSet | Iterable[GroundTruth],
+    *,
+    evaluator: Literal["anet", "thumos14"],
+    tiou_thresholds: Sequence[float] | None = None,
+) -> DetectionResult:
+    """Mean average precision of temporal detections over classes, at several tIoU thresholds.
+
+    Args:
+        predictions: the detections of every video.
+        ground_truth: a `GroundTruthSet` (from a reader) or plain ground truth instances.
+        evaluator: "anet" (ActivityNet) or "thumos14" (THUMOS14 kit); see the module docstring.
+        tiou_thresholds: thresholds in [0, 1]; None uses the evaluator's defaults
+            (`ANET_THRESHOLDS` 0.50:0.05:0.95, `THUMOS14_THRESHOLDS` 0.1:0.1:0.7).
+
+    Returns:
+        AP per class and threshold, mAP per threshold and their average, labelled with `evaluator`.
+    """
+    if evaluator not in EVALUATORS:
+        raise ValueError(f"unknown evaluator {evaluator!r}; choose from {list(EVALUATORS)}")
+    if tiou_thresholds is None:
+        tiou_thresholds = ANET_THRESHOLDS if evaluator == "anet" else THUMOS14_THRESHOLDS
+    thresholds = tuple(float(t) for t in tiou_thresholds)
+    if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"tiou_thresholds={list(thresholds)} must be a non-empty list of values in [0, 1]")
+    if not isinstance(ground_truth, GroundTruthSet):
+        ground_truth = GroundTruthSet(tuple(ground_truth))
+    if not ground_truth.instances:
+        raise ValueError("the ground truth has no instances; check the file and the subset")
+
+    gt_by_label: dict[str, list[GroundTruth]] = defaultdict(list)
+    for g in ground_truth.instances:
+        gt_by_label[g.label].append(g)
+    det_by_label: dict[str, list[Detection]] = defaultdict(list)
+    for d in predictions:
+        det_by_label[d.label].append(d)
+
+    ap: dict[str, tuple[float, ...]] = {}
+    for label in sorted(gt_by_label):
+        gts, dets = gt_by_label[label], det_by_label.get(label, [])
+        if evaluator == "anet":
+            values = _anet_class_ap(gts, dets, thresholds)
+        else:
+            values = [_thumos_class_ap(gts, dets, ground_truth.ambiguous, t) for t in thresholds]
+        ap[label] = tuple(float(v) for v in values)
+    per_threshold = np.mean(np.array(list(ap.values())), axis=0)
+    return DetectionResult(
+        evaluator=evaluator,
+        thresholds=thresholds,
+        ap=ap,
+        map=tuple(float(v) for v in per_threshold),
+        average_map=float(per_threshold.mean()),
+        ignored_labels=tuple(sorted(set(det_by_label) - set(gt_by_label))),
+    )
+
+
+def format_result(result: DetectionResult, *, per_class: bool = False) -> str:
+    """A plain-text table: mAP at each threshold and their average (and each class's AP if asked)."""
+    rule = "tIoU >= t, interpolated AP" if result.evaluator == "anet" else "overlap > t, non-interpolated AP"
+    lines = [f"evaluator: {result.evaluator} ({rule}); {len(result.ap)} classes"]
+    if result.ignored_labels:
+        lines.append(f"ignored predicted labels without ground truth: {', '.join(result.ignored_labels)}")
+    header = "tIoU   mAP"
+    if per_class:
+        header += "".join(f"  {label:>{max(len(label), 6)}}" for label in result.ap)
+    lines.append(header)
+    for t, threshold in enumerate(result.thresholds):
+        row = f"{threshold:<6.2f} {100 * result.map[t]:6.2f}"
+        if per_class:
+            row += "".join(f"  {100 * v[t]:{max(len(k), 6)}.2f}" for k, v in result.ap.items())
+        lines.append(row)
+    span = f"{result.thresholds[0]:.2f}:{result.thresholds[-1]:.2f}"
+    lines.append(f"average mAP [{span}] ({result.evaluator}): {100 * result.average_map:.2f}")
+    return "\n".join(lines)
