@@ -1,0 +1,148 @@
+"""The `datp` command line: parses options, builds a config, calls the library. No logic here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+import datp
+
+SOURCE_HELP = ("SOURCE: a video, a folder tree root/<class>/<video>, a list file of "
+               "'<path> <label>' lines, a UCF101 split folder (classInd.txt + trainlist0K.txt), "
+               "an HMDB51 split folder (<class>_test_splitK.txt) or a datp manifest.csv; several "
+               "may be given.")
+
+
+def user_errors(fn):
+    """Turn user errors into one clear line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from datp.flows.store import StoreError
+        from datp.io.datasets import DatasetError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, DatasetError, StoreError, FileNotFoundError, KeyError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            click.echo(f"datp: error: {message}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} must be WxH, e.g. 340x256") from None
+    return w, h
+
+
+def _dataset(sources, root, split, skip_missing):
+    """Load the dataset; missing videos are an error unless skip_missing records them."""
+    from datp.io.datasets import DatasetError, load_dataset
+
+    dataset = load_dataset(list(sources), root=root, split=split)
+    missing = dataset.missing()
+    if missing and not skip_missing:
+        first = missing[0]
+        raise DatasetError(f"{first.origin}: video {first.path} not found ({len(missing)} of "
+                           f"{len(dataset.records)} missing); check --root, or pass "
+                           "--skip-missing to record them as failures")
+    return dataset, missing
+
+
+def _finish(summary, failures_path: Path, what: str) -> None:
+    click.echo(f"{what}: {summary.done} done, {summary.skipped} already done, "
+               f"{len(summary.failed)} failed in {summary.seconds:.1f}s", err=True)
+    if summary.failed:
+        click.echo(f"failures (id, path, reason) are listed in {failures_path}", err=True)
+    if summary.interrupted:
+        click.echo("interrupted: finished videos are kept; run the same command to resume",
+                   err=True)
+    sys.exit(summary.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(datp.__version__, prog_name="datp")
+def main():
+    """datp: two-stream action recognition with learned temporal pooling.
+
+    Stage one: extract-flow, extract-features. Stage two: train-head, evaluate.
+    Stage three: finetune. Every output records the settings that made it.
+    """
+
+
+@main.command("extract-flow", epilog=SOURCE_HELP + " Exit codes: 0 all videos done; "
+              "3 some videos failed (listed in OUT.failures.csv); 2 bad input; 130 interrupted.")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="HDF5 flow store (--format h5) or output folder (--format jpg).")
+@click.option("--format", "fmt", type=click.Choice(["h5", "jpg"]), default="h5", show_default=True,
+              help="h5: one compressed store; jpg: TSN/denseflow flow_x_00001.jpg folders + lists.")
+@click.option("--algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default="tvl1",
+              show_default=True)
+@click.option("--preset", default=None, help="Parameter preset of the algorithm (tvl1: fast "
+              "[default, tuned], opencv [OpenCV defaults, as TSN/mmaction2 features]); see "
+              "docs/flow-presets.md.")
+@click.option("--short-side", type=int, default=256, show_default=True,
+              help="Resize so the short side has S pixels before flow (0: keep the source size).")
+@click.option("--size", default=None, help="Resize to WxH instead (TSN: 340x256).")
+@click.option("--bound", type=float, default=20.0, show_default=True,
+              help="Clip flow to +-B pixels before quantizing to uint8 (128 = zero).")
+@click.option("--rgb", is_flag=True, help="With --format jpg, also write img_00001.jpg frames.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (one OpenCV thread each); use the number of cores.")
+@click.option("--shard", default=None, help="Do shard i/n of the dataset (default: torchrun's "
+              "RANK/WORLD_SIZE when set); join shard stores with datp merge.")
+@click.option("--root", type=click.Path(path_type=Path), default=None,
+              help="Folder the videos of list files and split folders are relative to.")
+@click.option("--split", type=int, default=1, show_default=True,
+              help="Official split number for UCF101/HMDB51 split folders.")
+@click.option("--skip-missing", is_flag=True, help="Record missing videos as failures and go on.")
+@click.option("--allow-decode-errors", is_flag=True,
+              help="Keep videos whose stream has corrupt packets (default: record as failed).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def extract_flow_cmd(sources, out, fmt, algorithm, preset, short_side, size, bound, rgb, workers,
+                     shard, root, split, skip_missing, allow_decode_errors, quiet):
+    """Compute optical flow (TV-L1 by default) for every video of SOURCES.
+
+    Resumable: rerunning skips finished videos; a kill at any moment leaves a store that opens.
+    One failing video is recorded and the run goes on.
+    """
+    from datp.flows.extract import FlowConfig, extract_flow, shard_out
+    from datp.io.datasets import parse_shard
+
+    cfg = FlowConfig(out=str(out), format=fmt, algorithm=algorithm, preset=preset,
+                     short_side=short_side, size=_size(size), bound=bound, rgb=rgb,
+                     workers=workers, shard=parse_shard(shard),
+                     allow_decode_errors=allow_decode_errors)
+    dataset, missing = _dataset(sources, root, split, skip_missing)
+    summary = extract_flow(dataset, cfg, progress=not quiet, missing=missing)
+    failures = Path(f"{shard_out(cfg.out, cfg.shard, cfg.format)}.failures.csv")
+    _finish(summary, failures, "extract-flow")
+
+
+@main.command("merge")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--copy", is_flag=True, help="Copy the data into one self-contained file "
+              "(default: link to the inputs, which must then stay in place).")
+@user_errors
+def merge_cmd(inputs, out, copy):
+    """Join the shard stores of one run (flow or feature stores) into one store."""
+    from datp.flows.store import merge_stores
+
+    count = merge_stores(list(inputs), out, copy=copy)
+    click.echo(f"merged {count} videos from {len(inputs)} stores into {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""`datp extract-flow`: optical flow for every video of a dataset, resumable and parallel.
+
+Each video is decoded (`datp.io.decode`), resized, turned to grayscale (`to_gray`, the one
+conversion every flow path uses, so on-the-fly flow in extract-features matches stored flow),
+and every consecutive pair goes through a `FlowComputer`; flow is quantized and streamed to the
+parent in chunks, which writes an HDF5 part per video (`datp.flows.store`) or a TSN/denseflow
+jpg folder (`datp.flows.jpg`). See docs/architecture.md for the guarantees.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from datp.flows.compute import DEFAULT_PRESETS, FlowComputer, set_single_thread
+from datp.flows.quantize import quantize
+from datp.io.datasets import Dataset, Record, shard_records
+from datp.io.decode import DecodeError, VideoInfo, iter_frames
+from datp.io.runner import FailureLog, Summary, run_jobs
+
+CHUNK_PAIRS = 16  # flow pairs per message from a worker: bounds memory for hour-long videos
+INDEX_SECONDS = 10.0  # how often the store's index is rewritten during a run
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Settings of one extract-flow run; saved in the store (or next to the jpg folders).
+
+    Attributes:
+        out: the HDF5 store (format h5) or the output folder (format jpg).
+        format: "h5" or "jpg" (TSN/denseflow folders plus annotation lists).
+        algorithm, preset: see `datp.flows.compute.FLOW_PRESETS` (preset None = the default).
+        short_side: resize so the short side has this many pixels (0 keeps the source size).
+        size: (W, H) fixed size instead, e.g. (340, 256) as TSN.
+        bound: quantization bound in pixels.
+        rgb: with jpg, also write the resized RGB frames `img_00001.jpg`.
+        workers: worker processes.
+        shard: (i, n): this run does shard i of n.
+        allow_decode_errors: keep videos whose stream has corrupt packets (frames around them
+            are missing, so flow there is between non-neighbouring frames); default: fail them.
+    """
+
+    out: str
+    format: str = "h5"
+    algorithm: str = "tvl1"
+    preset: str | None = None
+    short_side: int = 256
+    size: tuple[int, int] | None = None
+    bound: float = 20.0
+    rgb: bool = False
+    workers: int = 1
+    shard: tuple[int, int] = (0, 1)
+    allow_decode_errors: bool = False
+
+    def __post_init__(self):
+        if self.format not in ("h5", "jpg"):
+            raise ValueError(f"format {self.format!r} must be h5 or jpg")
+        if self.workers < 1:
+            raise ValueError(f"workers {self.workers} must be >= 1")
+        if self.rgb and self.format != "jpg":
+            raise ValueError("--rgb writes img_00001.jpg frames and needs --format jpg")
+        FlowComputer(algorithm=self.algorithm, preset=self.preset)  # validates the names now
+
+    def resize_kwargs(self) -> dict:
+        if self.size is not None:
+            return {"size": tuple(self.size)}
+        return {"short_side": self.short_side or None}
+
+    def settings(self) -> dict:
+        """What the output records: the config plus the algorithm's full parameters."""
+        flow = FlowComputer(algorithm=self.algorithm, preset=self.preset)
+        return {**asdict(self), "preset": flow.preset, "flow_params": flow.params}
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB uint8 -> (H, W) uint8 luma (OpenCV's BT.601 weights, as denseflow)."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def flow_job(record: Record, emit, *, cfg: FlowConfig) -> dict:
+    """Worker side: decode `record`, compute and emit quantized flow (and RGB) chunks.
+
+    Returns:
+        The video's metadata for the store (num_frames, fps, sizes, timestamps...).
+    """
+    computer = FlowComputer(algorithm=cfg.algorithm, preset=cfg.preset)
+    info = VideoInfo(path=str(record.path))
+    prev = None
+    flows, images = [], []
+    for rgb in iter_frames(record.path, info, **cfg.resize_kwargs()):
+        gray = to_gray(rgb)
+        if cfg.rgb:
+            images.append(rgb)
+        if prev is not None:
+            flows.append(quantize(computer(prev, gray), cfg.bound))
+        if len(flows) == CHUNK_PAIRS:
+            emit(_chunk(flows, images, cfg.rgb))
+            flows, images = [], []
+        prev = gray
+    if info.errors and not cfg.allow_decode_errors:
+        raise DecodeError(f"corrupt stream: {len(info.errors)} packet(s) failed to decode "
+                          f"({info.errors[0]}); pass --allow-decode-errors to keep such videos")
+    if info.num_frames < 2:
+        raise DecodeError(f"{info.num_frames} frame decoded; optical flow needs at least 2")
+    if flows or images:
+        emit(_chunk(flows, images, cfg.rgb))
+    sy = info.height / (info.source_width if info.rotation in (90, 270) else info.source_height)
+    sx = info.width / (info.source_height if info.rotation in (90, 270) else info.source_width)
+    return {"num_frames": info.num_frames, "fps": info.fps, "height": info.height,
+            "width": info.width, "source_height": info.source_height,
+            "source_width": info.source_width, "rotation": info.rotation, "scale": (sy, sx),
+            "bound": cfg.bound, "algorithm": cfg.algorithm, "preset": computer.preset,
+            "codec": info.codec, "timestamps": info.timestamps,
+            "decode_errors": len(info.errors)}
+
+
+def _chunk(flows: list, images: list, with_rgb: bool):
+    flow = np.stack(flows) if flows else None
+    return (flow, np.stack(images)) if with_rgb else flow
+
+
+def _check_settings(marker: Path, settings: dict) -> None:
+    """Refuse to mix outputs of different settings in one store (resume needs the same ones)."""
+    keep = {k: v for k, v in json.loads(json.dumps(settings)).items()
+            if k not in ("workers", "shard", "out")}
+    if marker.is_file():
+        old = json.loads(marker.read_text())
+        old = {k: v for k, v in old.items() if k not in ("workers", "shard", "out")}
+        if old != keep:
+            diff = sorted(k for k in set(old) | set(keep) if old.get(k) != keep.get(k))
+            raise ValueError(f"{marker.parent} holds flow made with other settings ({', '.join(diff)} "
+                             "differ); use another --out, or the same settings to resume")
+    else:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def shard_out(out: str, shard: tuple[int, int], fmt: str) -> Path:
+    """`flows.h5` with shard (2, 4) -> `flows.shard2of4.h5` (jpg folders are shared by shards)."""
+    out = Path(out)
+    if shard[1] == 1 or fmt == "jpg":
+        return out
+    return out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
+
+
+def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
+                 missing: list[Record] = ()) -> Summary:
+    """Compute flow for every video of `dataset` (this shard's part), skipping finished ones.
+
+    Args:
+        dataset: the videos.
+        cfg: the settings.
+        progress: show a progress bar with videos/s and frame pairs/s.
+        missing: videos whose file is missing: recorded as failures, not attempted.
+
+    Returns:
+        The run's Summary (failures are also in `<out>.failures.csv`).
+    """
+    from tqdm import tqdm
+
+    from datp.flows import jpg, store
+
+    out = shard_out(cfg.out, cfg.shard, cfg.format)
+    records = shard_records(dataset.records, *cfg.shard)
+    settings = cfg.settings()
+    if cfg.format == "h5":
+        from datp.io.atomic import parts_dir
+
+        _check_settings(parts_dir(out) / "settings.json", settings)
+        if out.is_file():
+            with store.h5py.File(out, "r") as f:
+                old = json.loads(f.attrs.get("settings", "{}"))
+            _check_settings_equal(out, old, settings)
+        finished = store.done_ids(out)
+        store.open_for_update(out)
+        store.write_store(out, records, settings, final=False)
+        sink = store.FlowPartWriter(out)
+    else:
+        _check_settings(out / "datp_flow_settings.json", settings)
+        finished = jpg.done_ids(out, records)
+        sink = jpg.JpgWriter(out, with_rgb=cfg.rgb)
+    absent = {r.id for r in missing}
+    todo = [r for r in records if r.id not in finished and r.id not in absent]
+    failure_log = FailureLog(Path(f"{out}.failures.csv"))
+    for record in missing:
+        if record in records:
+            failure_log.add(record, "video file not found")
+    bar = tqdm(total=len(todo), unit="video", desc="extract-flow", disable=not progress,
+               dynamic_ncols=True)
+    started = last_index = time.perf_counter()
+
+    def on_progress(n: int, pairs: int) -> None:
+        nonlocal last_index
+        bar.update(n - bar.n)
+        bar.set_postfix_str(f"{pairs / max(time.perf_counter() - started, 1e-9):.1f} pairs/s")
+        if cfg.format == "h5" and time.perf_counter() - last_index > INDEX_SECONDS:
+            store.write_store(out, records, settings, final=False)  # the store opens after a kill
+            last_index = time.perf_counter()
+
+    job = functools.partial(flow_job, cfg=cfg)
+    try:
+        summary = run_jobs(todo, job, sink, workers=cfg.workers, init=set_single_thread,
+                           progress=on_progress, failure_log=failure_log,
+                           units_of=lambda meta: meta.get("num_frames", 1) - 1)
+    finally:
+        bar.close()
+        sink.close()
+        failure_log.close()
+    summary.skipped = len(records) - len(todo) - len(absent & {r.id for r in records})
+    summary.failed[:0] = [(r.id, str(r.path), "video file not found")
+                          for r in missing if r in records]
+    if cfg.format == "h5":
+        store.write_store(out, records, settings, final=not summary.interrupted)
+    else:
+        jpg.write_lists(out, records)
+    return summary
+
+
+def _check_settings_equal(out: Path, old: dict, new: dict) -> None:
+    skip = ("workers", "shard", "out")
+    a = {k: v for k, v in old.items() if k not in skip}
+    b = {k: v for k, v in json.loads(json.dumps(new)).items() if k not in skip}
+    if a and a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{out} was made with other settings ({', '.join(diff)} differ); use "
+                         "another --out, or the same settings to add to it")
+
+
+DEFAULT_PRESET = DEFAULT_PRESETS["tvl1"]

@@ -1,0 +1,111 @@
+"""TSN / denseflow / mmaction2 compatible frame folders.
+
+Layout under the output folder, for a video with id `<class>/<video>` and T decoded frames:
+- `<class>/<video>/flow_x_00001.jpg`, `flow_y_00001.jpg` ... `_{T-1:05d}`: quantized flow of pair
+  i -> i+1, numbered from 1 (denseflow's names);
+- with `--rgb`, `<class>/<video>/img_00001.jpg` ... `img_{T:05d}.jpg`: the same resized frames;
+- `rgb_list.txt` / `flow_list.txt` (and per split, e.g. `flow_list_train.txt`): lines
+  `<frame_dir> <total_frames> <label>` with the true counts (T images, T-1 flows), which
+  mmaction2's RawframeDataset and tsn-pytorch's TSNDataSet read directly.
+A video's folder is written as `.<video>.tmp<pid>` and renamed when complete, so a folder that
+exists is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from datp.io.datasets import Record
+
+JPEG_QUALITY = 95  # denseflow's default
+
+
+def video_dir(out: Path, record: Record) -> Path:
+    """The frame folder of a video; refuses ids that would leave `out`."""
+    parts = Path(record.id).parts
+    if Path(record.id).is_absolute() or ".." in parts or not parts:
+        raise ValueError(f"video id {record.id!r} cannot be a folder name under {out}")
+    return Path(out, *parts)
+
+
+def done_ids(out: Path, records: list[Record]) -> set[str]:
+    return {r.id for r in records if video_dir(out, r).is_dir()}
+
+
+def count_frames(folder: Path) -> tuple[int, int]:
+    """(rgb images, flow pairs) in a frame folder."""
+    names = os.listdir(folder)
+    return (sum(n.startswith("img_") for n in names), sum(n.startswith("flow_x_") for n in names))
+
+
+class JpgWriter:
+    """Runner sink: writes a video's jpgs into a temporary folder, renamed when complete."""
+
+    def __init__(self, out: Path, *, with_rgb: bool):
+        self.out = Path(out)
+        self.with_rgb = with_rgb
+        self._state: dict[str, list] = {}  # id -> [tmp folder, flows written, images written]
+
+    def chunk(self, record: Record, payload) -> None:
+        flow, images = payload if self.with_rgb else (payload, None)
+        if record.id not in self._state:
+            final = video_dir(self.out, record)
+            tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._state[record.id] = [tmp, 0, 0]
+        state = self._state[record.id]
+        params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        for pair in (flow if flow is not None else []):
+            state[1] += 1
+            cv2.imwrite(str(state[0] / f"flow_x_{state[1]:05d}.jpg"), pair[..., 0], params)
+            cv2.imwrite(str(state[0] / f"flow_y_{state[1]:05d}.jpg"), pair[..., 1], params)
+        for image in (images if images is not None else []):
+            state[2] += 1
+            cv2.imwrite(str(state[0] / f"img_{state[2]:05d}.jpg"),
+                        np.ascontiguousarray(image[..., ::-1]), params)  # OpenCV writes BGR
+
+    def done(self, record: Record, meta: dict) -> None:
+        tmp, flows, images = self._state.pop(record.id)
+        if flows != meta["num_frames"] - 1 or (self.with_rgb and images != meta["num_frames"]):
+            raise RuntimeError(f"{record.id}: wrote {flows} flows / {images} images for "
+                               f"{meta['num_frames']} frames")
+        final = video_dir(self.out, record)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def fail(self, record: Record, reason: str) -> None:
+        state = self._state.pop(record.id, None)
+        if state is not None:
+            shutil.rmtree(state[0], ignore_errors=True)
+
+    def close(self) -> None:
+        for record_id in list(self._state):
+            shutil.rmtree(self._state.pop(record_id)[0], ignore_errors=True)
+
+
+def write_lists(out: Path, records: list[Record]) -> None:
+    """Write the annotation lists for every finished video, counting the files on disk."""
+    out = Path(out)
+    rows: dict[str, list[str]] = {}
+    for record in records:
+        folder = video_dir(out, record)
+        if not folder.is_dir():
+            continue
+        images, flows = count_frames(folder)
+        for modality, count in (("rgb", images), ("flow", flows)):
+            if count:
+                line = f"{record.id} {count} {record.label}"
+                rows.setdefault(f"{modality}_list.txt", []).append(line)
+                if record.split != "all":
+                    rows.setdefault(f"{modality}_list_{record.split}.txt", []).append(line)
+    for name, lines in rows.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, out / name)

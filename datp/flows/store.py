@@ -1,0 +1,305 @@
+"""The HDF5 flow store: its layout, its crash-safe writer, its reader, and merging.
+
+Layout (schema 1), one file:
+- file attrs: `datp_schema` = 1, `datp_kind` = "flow", `datp_version`, `created` (ISO time),
+  `settings` (JSON of the FlowConfig and the flow algorithm's full parameters).
+- `/videos/<safe name>/` one group per video (name from `datp.io.datasets.safe_name(id)`):
+  - `flow`: uint8 (T-1, H, W, 2), x then y, quantized with `datp.flows.quantize` at `bound`;
+    gzip-compressed, one chunk per frame pair. Pair i is the flow from frame i to frame i+1
+    (0-based), so frame-numbered files agree with RGB frame i.
+  - `timestamps`: float64 (T,) presentation time of every decoded frame, seconds.
+  - attrs: `id`, `path`, `label`, `split`, `num_frames` (T, decoded, never the container's),
+    `fps`, `height`, `width` (flow size), `source_height`, `source_width`, `rotation`, `scale`
+    (flow size / upright source size, per axis (sy, sx)), `bound`, `algorithm`, `preset`, `codec`.
+While a run is in progress (or after a kill), each finished video lives in its own part file
+`<out>.parts/<safe name>.h5` (the group above at `/video`), and `<out>` is a small index whose
+groups are external links to the parts, rewritten atomically; at the end the parts are copied
+(raw chunks, no recompression) into one self-contained `<out>` and removed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import h5py
+import numpy as np
+
+import datp
+from datp.io.atomic import atomic_path, finished_parts, parts_dir
+from datp.io.datasets import Record, safe_name
+
+SCHEMA = 1
+KIND = "flow"
+
+
+class StoreError(ValueError):
+    """A store that is missing, of another kind or schema, or lacks what is asked for."""
+
+
+def _file_attrs(settings: dict) -> dict:
+    return {"datp_schema": SCHEMA, "datp_kind": KIND, "datp_version": datp.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "settings": json.dumps(settings, sort_keys=True)}
+
+
+class FlowPartWriter:
+    """Receives a video's flow chunks from the runner and writes them to its part file.
+
+    The part is written under a temporary name and renamed when the video is complete, so a part
+    file that exists is always whole.
+    """
+
+    def __init__(self, out: Path):
+        self.folder = parts_dir(out)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._open: dict[str, tuple[h5py.File, Path]] = {}
+
+    def part_path(self, record: Record) -> Path:
+        return self.folder / f"{safe_name(record.id)}.h5"
+
+    def chunk(self, record: Record, payload: np.ndarray) -> None:
+        """Append quantized flow pairs (n, H, W, 2) uint8 of `record`."""
+        if record.id not in self._open:
+            final = self.part_path(record)
+            tmp = final.with_name(f".{final.name}.tmp")
+            handle = h5py.File(tmp, "w")
+            h, w = payload.shape[1:3]
+            handle.create_dataset("video/flow", shape=(0, h, w, 2), maxshape=(None, h, w, 2),
+                                  dtype=np.uint8, chunks=(1, h, w, 2), compression="gzip",
+                                  compression_opts=4)
+            self._open[record.id] = (handle, tmp)
+        handle, _ = self._open[record.id]
+        flow = handle["video/flow"]
+        n = flow.shape[0]
+        flow.resize(n + len(payload), axis=0)
+        flow[n:] = payload
+
+    def done(self, record: Record, meta: dict) -> None:
+        """Write the video's attributes and timestamps, close, and rename the part into place."""
+        if record.id not in self._open:  # a video with no flow pairs never reaches done
+            raise RuntimeError(f"{record.id}: done without flow")
+        handle, tmp = self._open.pop(record.id)
+        group = handle["video"]
+        group.create_dataset("timestamps", data=np.asarray(meta.pop("timestamps"), np.float64))
+        attrs = {"id": record.id, "path": str(record.path), "label": record.label,
+                 "split": record.split, **meta}
+        for key, value in attrs.items():
+            group.attrs[key] = value
+        if group["flow"].shape[0] != attrs["num_frames"] - 1:
+            raise RuntimeError(f"{record.id}: {group['flow'].shape[0]} flow pairs for "
+                               f"{attrs['num_frames']} frames")
+        handle.close()
+        os.replace(tmp, self.part_path(record))
+
+    def fail(self, record: Record, reason: str) -> None:
+        entry = self._open.pop(record.id, None)
+        if entry is not None:
+            entry[0].close()
+            entry[1].unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for record_id in list(self._open):
+            handle, tmp = self._open.pop(record_id)
+            handle.close()
+            tmp.unlink(missing_ok=True)
+
+
+BASE_NAME = "_store_base.hdf5"  # not a per-video part (those end in .h5)
+
+
+def _is_link(group: h5py.Group, name: str) -> bool:
+    return isinstance(group.get(name, getlink=True), h5py.ExternalLink)
+
+
+def _is_final(out: Path) -> bool:
+    """True when `out` is a self-contained store (no links into parts)."""
+    with h5py.File(out, "r") as f:
+        return f.attrs.get("datp_kind") == KIND and not any(
+            _is_link(f["videos"], n) for n in f.get("videos", {}))
+
+
+def done_ids(out: Path) -> set[str]:
+    """Ids of videos already finished for the store `out` (in its parts, base or final file)."""
+    out = Path(out)
+    ids = {_part_id(path) for path in finished_parts(parts_dir(out)).values()}
+    for path in (parts_dir(out) / BASE_NAME, out):
+        if path.is_file() and (path != out or _is_final(out)):
+            with h5py.File(path, "r") as f:
+                ids.update(str(f["videos"][n].attrs["id"]) for n in f["videos"])
+    return ids
+
+
+def _part_id(path: Path) -> str:
+    with h5py.File(path, "r") as f:
+        return str(f["video"].attrs["id"])
+
+
+def open_for_update(out: Path) -> None:
+    """Before adding videos to a finished store, move it aside as the base of the new parts.
+
+    The index written next links into it, so the store keeps opening while the run goes on.
+    """
+    out = Path(out)
+    base = parts_dir(out) / BASE_NAME
+    if out.is_file() and _is_final(out) and not base.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, base)
+
+
+def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: bool) -> int:
+    """(Re)build the store `out` from the finished parts of `records`, atomically.
+
+    Args:
+        out: the store file.
+        records: the dataset's videos, in order; those with a finished part (or in the base
+            store moved aside by `open_for_update`) are included, in this order.
+        settings: run settings recorded in the file attrs.
+        final: copy the parts into one self-contained file and delete them; otherwise write an
+            index of external links (cheap; used during a run and after an interruption).
+
+    Returns:
+        The number of videos in the store.
+    """
+    import shutil
+
+    out = Path(out)
+    folder = parts_dir(out)
+    parts = finished_parts(folder)
+    base_path = folder / BASE_NAME
+    base = h5py.File(base_path, "r") if base_path.is_file() else None
+    count = 0
+    try:
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update(_file_attrs(settings))
+            videos = f.create_group("videos")
+            for record in records:
+                name = safe_name(record.id)
+                if name in parts:
+                    source, file, path = parts[name], None, "/video"
+                elif base is not None and name in base["videos"]:
+                    source, file, path = base_path, base, f"/videos/{name}"
+                else:
+                    continue
+                if not final:
+                    videos[name] = h5py.ExternalLink(os.path.relpath(source, out.parent), path)
+                elif file is not None:
+                    file.copy(file[path], videos, name=name)
+                else:
+                    with h5py.File(source, "r") as part:
+                        part.copy(part[path], videos, name=name)
+                count += 1
+    finally:
+        if base is not None:
+            base.close()
+    if final:
+        shutil.rmtree(folder, ignore_errors=True)
+    return count
+
+
+class FlowStore:
+    """Read a flow store (a single file, an index during a run, or a merged store).
+
+    Example:
+        >>> with FlowStore("flows.h5") as store:
+        ...     flow = store.flow("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01", dequantize=True)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no such flow store; run datp extract-flow first")
+        self._file = h5py.File(self.path, "r")
+        kind = self._file.attrs.get("datp_kind")
+        schema = self._file.attrs.get("datp_schema")
+        if kind != KIND:
+            raise StoreError(f"{self.path} is not a flow store (datp_kind={kind!r})")
+        if schema != SCHEMA:
+            raise StoreError(f"{self.path} has flow store schema {schema}; this datp reads "
+                             f"schema {SCHEMA}: re-run datp extract-flow or use a matching datp")
+        self.settings = json.loads(self._file.attrs["settings"])
+        self._names = {self._file["videos"][n].attrs["id"]: n for n in self._file["videos"]}
+
+    def __enter__(self) -> "FlowStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def ids(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._names
+
+    def _group(self, video_id: str) -> h5py.Group:
+        if video_id not in self._names:
+            raise KeyError(f"{self.path} has no flow for video {video_id!r}")
+        return self._file["videos"][self._names[video_id]]
+
+    def meta(self, video_id: str) -> dict:
+        """The video's attributes (see the module docstring) as plain Python values."""
+        return {k: (v.item() if isinstance(v, np.generic) else v)
+                for k, v in self._group(video_id).attrs.items()}
+
+    def timestamps(self, video_id: str) -> np.ndarray:
+        return self._group(video_id)["timestamps"][:]
+
+    def flow(self, video_id: str, pairs=slice(None), *, dequantize: bool = False) -> np.ndarray:
+        """Flow pairs of a video: uint8 (n, H, W, 2), or float32 pixels with `dequantize`.
+
+        Args:
+            video_id: the video.
+            pairs: a slice or sorted index array of pair indices (pair i: frame i -> i+1).
+            dequantize: undo the quantization (`datp.flows.quantize.dequantize`).
+        """
+        group = self._group(video_id)
+        data = group["flow"][pairs]
+        if dequantize:
+            from datp.flows.quantize import dequantize as _dequantize
+
+            data = _dequantize(data, bound=float(group.attrs["bound"]))
+        return data
+
+
+def merge_stores(inputs: list[Path], out: Path, *, copy: bool = False) -> int:
+    """Join shard stores into one store.
+
+    Without `copy` the merged file holds external links into the shard files (no data is copied,
+    the shards must stay where they are); with `copy` it is self-contained.
+
+    Returns:
+        The number of videos in the merged store.
+    """
+    settings = None
+    count = 0
+    with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
+        videos = f.create_group("videos")
+        for path in inputs:
+            with FlowStore(path) as store:
+                if settings is None:
+                    settings = store.settings
+                elif _comparable(store.settings) != _comparable(settings):
+                    raise StoreError(f"{path} was made with other settings than {inputs[0]}; "
+                                     "only shards of one run can be merged")
+                for vid, name in store._names.items():
+                    if name in videos:
+                        raise StoreError(f"video {vid!r} is in two inputs (again in {path})")
+                    if copy:
+                        store._file.copy(store._file["videos"][name], videos, name=name)
+                    else:
+                        target = os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
+                        videos[name] = h5py.ExternalLink(target, f"/videos/{name}")
+                    count += 1
+        f.attrs.update(_file_attrs(settings or {}))
+    return count
+
+
+def _comparable(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ("shard", "workers", "out")}

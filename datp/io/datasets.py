@@ -1,0 +1,258 @@
+"""Datasets: a list of records (video id, path, label, split), read from the formats users have.
+
+Accepted sources (`load_dataset` picks by what the path is):
+1. a folder tree `root/<class>/<video file>`: labels from the sorted class names, split "all"
+   (a flat folder of videos gives unlabelled records, label -1);
+2. a list file of `<path> <label>` lines (mmaction2's video list): paths relative to `root` when
+   given, else to the list's folder; the split comes from the file name (`train`, `val`, `test`
+   in it), else "all";
+3. UCF101's official splits: a folder holding `classInd.txt` (1-based ids) and
+   `trainlist0K.txt` / `testlist0K.txt` (CRLF tolerated), K = `split`; videos under `root`;
+4. HMDB51's official splits: a folder of `<class>_test_splitK.txt` files (1 = train, 2 = test,
+   0 = unused); videos under `root/<class>/`;
+5. a single video file (label -1, split "all");
+6. a datp manifest CSV with header `id,path,label,split` (written by `datp synth`).
+Several sources can be given at once (e.g. a train and a test list); ids must stay unique.
+
+Video ids are the path relative to the dataset root without its extension
+(`ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01`), so they keep the class folder that TSN-style frame
+folders use. `safe_name` turns an id into a file name that cannot escape a folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv",
+                    ".wmv", ".3gp", ".ts")
+
+
+class DatasetError(ValueError):
+    """A source that cannot be read; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One video. `origin` says where it was listed ("file:line"), for error messages."""
+
+    id: str
+    path: Path
+    label: int = -1
+    split: str = "all"
+    origin: str = ""
+
+
+@dataclass
+class Dataset:
+    records: list[Record]
+    class_names: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def missing(self) -> list[Record]:
+        """Records whose video file does not exist."""
+        return [r for r in self.records if not r.path.is_file()]
+
+
+def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
+                 split: int = 1) -> Dataset:
+    """Read one or more sources into a Dataset (see the module docstring for the formats).
+
+    Args:
+        sources: a path or a list of paths.
+        root: where videos live, for list files and official split folders.
+        split: split number for UCF101/HMDB51 official splits (1, 2 or 3).
+
+    Raises:
+        DatasetError: unreadable source, malformed line (file and line named), duplicate ids.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    if not sources:
+        raise DatasetError("no source given; pass a video, a folder, a list file or a split folder")
+    root = Path(root) if root is not None else None
+    records: list[Record] = []
+    class_names: list[str] = []
+    for source in map(Path, sources):
+        part = _load_one(source, root, split)
+        if part.class_names:
+            if class_names and part.class_names != class_names:
+                raise DatasetError(f"{source}: its classes differ from the previous source's; "
+                                   "give sources of one dataset")
+            class_names = part.class_names
+        records.extend(part.records)
+    seen: dict[str, Record] = {}
+    for record in records:
+        if record.id in seen:
+            raise DatasetError(f"{record.origin}: video id {record.id!r} already listed at "
+                               f"{seen[record.id].origin}; ids must be unique")
+        seen[record.id] = record
+    return Dataset(records, class_names, [str(s) for s in sources])
+
+
+def _load_one(source: Path, root: Path | None, split: int) -> Dataset:
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    if source.is_file():
+        if source.suffix.lower() in VIDEO_EXTENSIONS:
+            return Dataset([Record(source.stem, source, -1, "all", str(source))])
+        if source.suffix.lower() == ".csv":
+            return _load_manifest(source)
+        return _load_list(source, root)
+    if (source / "classInd.txt").is_file():
+        return _load_ucf101(source, root, split)
+    if any(source.glob(f"*_test_split{split}.txt")):
+        return _load_hmdb51(source, root, split)
+    return _load_tree(source)
+
+
+def _split_from_name(name: str) -> str:
+    lowered = name.lower()
+    for key in ("train", "val", "test"):
+        if key in lowered:
+            return key
+    return "all"
+
+
+def _video_id(path: Path, base: Path) -> str:
+    try:
+        rel = path.relative_to(base)
+    except ValueError:
+        rel = Path(path.name)
+    return rel.with_suffix("").as_posix()
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of non-empty lines; CRLF and a UTF-8 BOM tolerated."""
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _load_list(path: Path, root: Path | None) -> Dataset:
+    base = root if root is not None else path.parent
+    split = _split_from_name(path.name)
+    records = []
+    for n, line in _read_lines(path):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+            raise DatasetError(f"{path}:{n}: expected '<video path> <integer label>', got {line!r}")
+        video = base / parts[0]
+        records.append(Record(_video_id(video, base), video, int(parts[1]), split, f"{path}:{n}"))
+    return Dataset(records)
+
+
+def _load_manifest(path: Path) -> Dataset:
+    records = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        expected = {"id", "path", "label", "split"}
+        if reader.fieldnames is None or not expected <= set(reader.fieldnames):
+            raise DatasetError(f"{path}:1: a manifest needs the header id,path,label,split; "
+                               f"got {reader.fieldnames}")
+        for n, row in enumerate(reader, 2):
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}:{n}: label {row['label']!r} is not an integer") from None
+            records.append(Record(row["id"], path.parent / row["path"], label, row["split"],
+                                  f"{path}:{n}"))
+    classes = path.parent / "classes.txt"
+    names = [line for _, line in _read_lines(classes)] if classes.is_file() else []
+    return Dataset(records, names)
+
+
+def _load_ucf101(folder: Path, root: Path | None, split: int) -> Dataset:
+    base = root if root is not None else folder
+    class_ids: dict[str, int] = {}
+    index = folder / "classInd.txt"
+    for n, line in _read_lines(index):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise DatasetError(f"{index}:{n}: expected '<1-based id> <class name>', got {line!r}")
+        class_ids[parts[1]] = int(parts[0]) - 1
+    names = [name for name, _ in sorted(class_ids.items(), key=lambda kv: kv[1])]
+    records = []
+    for subset in ("train", "test"):
+        listing = folder / f"{subset}list0{split}.txt"
+        if not listing.is_file():
+            raise DatasetError(f"{listing}: missing; UCF101 split {split} needs trainlist0{split}.txt "
+                               f"and testlist0{split}.txt")
+        for n, line in _read_lines(listing):
+            rel = line.split()[0]
+            cls = rel.split("/")[0]
+            if cls not in class_ids:
+                raise DatasetError(f"{listing}:{n}: class {cls!r} is not in {index.name}")
+            video = base / rel
+            records.append(Record(_video_id(video, base), video, class_ids[cls], subset,
+                                  f"{listing}:{n}"))
+    return Dataset(records, names)
+
+
+def _load_hmdb51(folder: Path, root: Path | None, split: int) -> Dataset:
+    base = root if root is not None else folder
+    files = sorted(folder.glob(f"*_test_split{split}.txt"))
+    names = [f.name[: -len(f"_test_split{split}.txt")] for f in files]
+    subsets = {"0": "unused", "1": "train", "2": "test"}
+    records = []
+    for label, (name, listing) in enumerate(zip(names, files)):
+        for n, line in _read_lines(listing):
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in subsets:
+                raise DatasetError(f"{listing}:{n}: expected '<video> <0|1|2>', got {line!r}")
+            video = base / name / parts[0]
+            records.append(Record(_video_id(video, base), video, label, subsets[parts[1]],
+                                  f"{listing}:{n}"))
+    return Dataset(records, names)
+
+
+def _load_tree(folder: Path) -> Dataset:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    records = [Record(v.stem, v, -1, "all", str(v)) for v in sorted(folder.iterdir())
+               if v.suffix.lower() in VIDEO_EXTENSIONS and v.is_file()]
+    if records:  # a flat folder of videos: no labels
+        return Dataset(records)
+    for label, name in enumerate(classes):
+        for video in sorted((folder / name).rglob("*")):
+            if video.suffix.lower() in VIDEO_EXTENSIONS and video.is_file():
+                records.append(Record(_video_id(video, folder), video, label, "all", str(video)))
+    if not records:
+        raise DatasetError(f"{folder}: no videos found in {folder}/<class>/ (extensions "
+                           f"{', '.join(VIDEO_EXTENSIONS)})")
+    return Dataset(records, classes)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Parse `i/n` (0 <= i < n); without text, use torchrun's RANK/WORLD_SIZE, else 0/1."""
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
+    return int(match[1]), int(match[2])
+
+
+def shard_records(records: list[Record], index: int, count: int) -> list[Record]:
+    """The records of shard `index` of `count`, by a stable hash of the id.
+
+    A hash (not position) keeps every video in the same shard when the dataset grows, so a shard's
+    finished work stays valid across runs and machines.
+    """
+    if count == 1:
+        return list(records)
+    return [r for r in records
+            if int.from_bytes(hashlib.sha1(r.id.encode()).digest()[:8], "big") % count == index]
+
+
+def safe_name(video_id: str) -> str:
+    """A file name for a video id: percent-encoded (no '/', no '..'), hashed when too long."""
+    name = urllib.parse.quote(video_id, safe="-_.")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > 200:
+        name = name[:150] + "-" + hashlib.sha1(video_id.encode()).hexdigest()
+    return name
