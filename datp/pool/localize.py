@@ -1,0 +1,344 @@
+"""Weakly supervised temporal localization from attention weights (TSRNet, Zhang et al. 2019).
+
+A head trained on video labels pools N segments with attention weights a (N,) and predicts video
+class scores s (C,). The class-wise segment scores `w_i^c = a_i * s_c` say when each class happens:
+
+1. `class_segment_scores` builds w per stream; `fuse_streams` mixes RGB and flow,
+   `theta * rgb + (1 - theta) * flow`.
+2. `localize_video` keeps the classes whose video score passes `class_threshold`, divides each kept
+   class's curve by its maximum, cuts it at `segment_threshold` into contiguous runs of segments,
+   turns each run into a `Detection` with start/end seconds and a score, and applies per-class NMS.
+3. `to_activitynet_json` / `write_activitynet_json` save detections in ActivityNet's results format,
+   which `datp.pool.detection.read_activitynet_predictions` reads back.
+
+Also here: `export_weights` / `read_weights` (per-video weights as JSON or CSV) and
+`plot_weights_vs_ground_truth` (a PNG of the weights over time with ground truth shaded).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+from datp.pool.detection import Detection, GroundTruth
+
+ACTIVITYNET_VERSION = "VERSION 1.3"
+
+
+def _numpy(x, name: str, ndim: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} has shape {x.shape}; expected {ndim} dimensions")
+    return x
+
+
+def class_segment_scores(weights, class_scores) -> np.ndarray:
+    """Class-wise segment scores `w_i^c = a_i * s_c`.
+
+    Args:
+        weights: (N,) attention weight a_i of each segment (array or tensor).
+        class_scores: (C,) video-level class scores s_c, as probabilities (softmax or sigmoid).
+
+    Returns:
+        (N, C) float64 scores.
+    """
+    a = _numpy(weights, "weights", 1)
+    s = _numpy(class_scores, "class_scores", 1)
+    return a[:, None] * s[None, :]
+
+
+def fuse_streams(rgb, flow, *, theta: float = 0.5) -> np.ndarray:
+    """Two-stream fusion `theta * rgb + (1 - theta) * flow` of equally shaped score arrays.
+
+    The default 0.5 weighs both streams equally (TSRNet tunes theta on validation data).
+    """
+    if not 0.0 <= theta <= 1.0:
+        raise ValueError(f"theta={theta} must be in [0, 1] (1 = RGB only, 0 = flow only)")
+    rgb, flow = np.asarray(rgb, dtype=np.float64), np.asarray(flow, dtype=np.float64)
+    if rgb.shape != flow.shape:
+        raise ValueError(f"rgb scores {rgb.shape} and flow scores {flow.shape} differ; both need the same segments")
+    return theta * rgb + (1.0 - theta) * flow
+
+
+def segment_seconds(starts, *, fps: float, num_frames: int) -> np.ndarray:
+    """Start and end second of each segment of a video sampled every few frames (stride mode).
+
+    Frame i covers `[i / fps, (i + 1) / fps)`. Segment k covers the frames from its start up to the next
+    segment's start, and the last segment runs to the end of the video, so the segments tile it.
+    Repeated starts give empty segments (start == end).
+
+    Args:
+        starts: (N,) first frame of each segment, non-decreasing; or (N, 2) [first, end) frames,
+            used as they are.
+        fps: frames per second of the video.
+        num_frames: frame count of the video (the end of the last segment for (N,) starts).
+
+    Returns:
+        (N, 2) float64 [start, end] seconds.
+    """
+    if fps <= 0:
+        raise ValueError(f"fps={fps} must be > 0")
+    starts = np.asarray(starts, dtype=np.float64)
+    if starts.ndim == 2 and starts.shape[1] == 2:
+        return starts / fps
+    if starts.ndim != 1 or len(starts) == 0 or np.any(np.diff(starts) < 0):
+        raise ValueError(f"starts must be (N,) non-decreasing first frames or (N, 2) [first, end); got {starts.shape}")
+    if num_frames < starts[-1]:
+        raise ValueError(f"num_frames={num_frames} is before the last segment start {starts[-1]:g}")
+    ends = np.append(starts[1:], num_frames)
+    return np.stack([starts, ends], axis=1) / fps
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) index of each run of consecutive True values."""
+    padded = np.concatenate([[False], mask, [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def nms(detections: Sequence[Detection], *, iou_threshold: float) -> list[Detection]:
+    """Per-video, per-class greedy non-maximum suppression by temporal IoU.
+
+    In score order, a detection is dropped when its tIoU with a kept detection of the same video and
+    class is greater than `iou_threshold`. Uses torchvision's `batched_nms` on boxes `(start, 0, end, 1)`,
+    whose IoU equals the temporal IoU.
+
+    Returns:
+        The kept detections, highest score first.
+    """
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold={iou_threshold} must be in [0, 1]")
+    if not detections:
+        return []
+    groups = {key: i for i, key in enumerate(sorted({(d.video, d.label) for d in detections}))}
+    boxes = torch.tensor([[d.start, 0.0, d.end, 1.0] for d in detections], dtype=torch.float64)
+    scores = torch.tensor([d.score for d in detections], dtype=torch.float64)
+    idxs = torch.tensor([groups[(d.video, d.label)] for d in detections])
+    keep = batched_nms(boxes, scores, idxs, iou_threshold)
+    return [detections[int(i)] for i in keep]
+
+
+def localize_video(
+    segment_scores,
+    video_scores,
+    *,
+    segment_times,
+    class_names: Sequence[str],
+    video: str,
+    class_threshold: float = 0.1,
+    keep_top_class: bool = True,
+    segment_threshold: float | Sequence[float] = 0.5,
+    contrast_weight: float = 0.0,
+    outer_ratio: float = 0.25,
+    nms_iou: float = 0.5,
+) -> list[Detection]:
+    """Detections of one video from its class-wise segment scores.
+
+    For each class c with `video_scores[c] >= class_threshold` (and the top class if none passes and
+    `keep_top_class`): the curve `r_i = w_i^c / max_j w_j^c` (1 at its peak) is cut at each
+    `segment_threshold`; each run of consecutive segments with `r_i >= threshold` becomes a detection
+    from the run's first segment start to its last segment end, with score
+
+        score = video_scores[c] * (mean of r over the run - contrast_weight * mean of r just outside),
+
+    where "just outside" is up to `max(1, round(outer_ratio * run length))` segments on each side
+    (0 if the run fills the video). With the default `contrast_weight=0` the score is the class
+    probability times the run's mean relative weight; a positive weight rewards runs that stand out
+    from their surroundings (AutoLoc's outer-inner contrast). Then per-class NMS with `nms_iou`.
+
+    Args:
+        segment_scores: (N, C) non-negative scores w (from `class_segment_scores`, maybe fused).
+        video_scores: (C,) video class scores s (probabilities).
+        segment_times: (N, 2) [start, end] seconds of each segment (`segment_seconds`).
+        class_names: C labels written into the detections.
+        video: the video id written into the detections.
+        class_threshold: minimal video score of a class to localize it.
+        keep_top_class: localize the best class when no class passes (a weakly labelled untrimmed
+            video holds at least one action).
+        segment_threshold: one fraction of the peak in (0, 1], or several (runs from all, then NMS).
+        contrast_weight: weight of the outer mean in the score (0 = off).
+        outer_ratio: width of the outer region, as a fraction of the run length.
+        nms_iou: tIoU above which the lower-scored of two same-class detections is removed.
+
+    Returns:
+        Detections, highest score first.
+    """
+    w = _numpy(segment_scores, "segment_scores", 2)
+    s = _numpy(video_scores, "video_scores", 1)
+    times = _numpy(segment_times, "segment_times", 2)
+    N, C = w.shape
+    if s.shape != (C,) or times.shape != (N, 2) or len(class_names) != C:
+        raise ValueError(
+            f"segment_scores {w.shape} needs video_scores ({C},), segment_times ({N}, 2) and {C} class_names; "
+            f"got {s.shape}, {times.shape} and {len(class_names)}"
+        )
+    if N and w.min() < 0:
+        raise ValueError(f"segment_scores has negative values (min {w.min():.3g}); pass probabilities, not logits")
+    thresholds = [segment_threshold] if np.isscalar(segment_threshold) else list(segment_threshold)
+    if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
+        raise ValueError(f"segment_threshold={segment_threshold} must be in (0, 1] (a fraction of the peak)")
+
+    classes = np.flatnonzero(s >= class_threshold)
+    if len(classes) == 0 and keep_top_class and C:
+        classes = np.array([int(np.argmax(s))])
+    detections = []
+    for c in classes:
+        peak = w[:, c].max() if N else 0.0
+        if peak <= 0:
+            continue
+        r = w[:, c] / peak
+        for threshold in thresholds:
+            for first, last in _runs(r >= threshold):
+                inner = r[first : last + 1].mean()
+                margin = max(1, round(outer_ratio * (last - first + 1)))
+                outer_idx = np.r_[max(0, first - margin) : first, last + 1 : min(N, last + 1 + margin)]
+                outer = r[outer_idx].mean() if len(outer_idx) else 0.0
+                score = float(s[c] * (inner - contrast_weight * outer))
+                detections.append(
+                    Detection(video, str(class_names[c]), float(times[first, 0]), float(times[last, 1]), score)
+                )
+    return nms(detections, iou_threshold=nms_iou)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def to_activitynet_json(
+    detections_by_video: Mapping[str, Sequence[Detection]],
+    *,
+    version: str = ACTIVITYNET_VERSION,
+    external_data: Mapping | None = None,
+) -> dict:
+    """ActivityNet results dict: `{"version", "results": {video: [{"label", "score", "segment"}]},
+    "external_data"}`. Videos with no detections are listed with an empty list."""
+    results = {}
+    for video, detections in detections_by_video.items():
+        for d in detections:
+            if d.video != video:
+                raise ValueError(f"detection of video {d.video!r} is listed under video {video!r}")
+        results[video] = [{"label": d.label, "score": d.score, "segment": [d.start, d.end]} for d in detections]
+    return {"version": version, "results": results, "external_data": dict(external_data or {})}
+
+
+def write_activitynet_json(
+    detections_by_video: Mapping[str, Sequence[Detection]],
+    path: str | Path,
+    *,
+    version: str = ACTIVITYNET_VERSION,
+    external_data: Mapping | None = None,
+) -> Path:
+    """Write `to_activitynet_json(...)` to `path` and return the path."""
+    path = Path(path)
+    path.write_text(json.dumps(to_activitynet_json(detections_by_video, version=version, external_data=external_data)))
+    return path
+
+
+def export_weights(weights_by_video: Mapping[str, tuple], path: str | Path) -> Path:
+    """Write per-video attention weights, as JSON or CSV by the suffix of `path`.
+
+    CSV: a header `video,segment,start,end,weight` then one row per segment. JSON:
+    `{"videos": {video: {"start": [...], "end": [...], "weight": [...]}}}`.
+
+    Args:
+        weights_by_video: video id -> (weights (N,), segment_times (N, 2) seconds).
+        path: a `.json` or `.csv` file.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix not in (".json", ".csv"):
+        raise ValueError(f"{path} must end in .json or .csv")
+    rows = {}
+    for video, (weights, times) in weights_by_video.items():
+        a, t = _numpy(weights, f"weights of {video!r}", 1), _numpy(times, f"segment times of {video!r}", 2)
+        if t.shape != (len(a), 2):
+            raise ValueError(f"video {video!r} has {len(a)} weights but segment times of shape {t.shape}")
+        rows[video] = (a, t)
+    if path.suffix == ".json":
+        videos = {v: {"start": t[:, 0].tolist(), "end": t[:, 1].tolist(), "weight": a.tolist()} for v, (a, t) in rows.items()}
+        path.write_text(json.dumps({"videos": videos}))
+        return path
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "segment", "start", "end", "weight"])
+        for video, (a, t) in rows.items():
+            for i in range(len(a)):
+                writer.writerow([video, i, repr(float(t[i, 0])), repr(float(t[i, 1])), repr(float(a[i]))])
+    return path
+
+
+def read_weights(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read `export_weights` output back: video id -> (weights (N,), segment_times (N, 2))."""
+    path = Path(path)
+    if path.suffix == ".json":
+        videos = json.loads(path.read_text())["videos"]
+        return {v: (np.array(d["weight"]), np.stack([d["start"], d["end"]], axis=1)) for v, d in videos.items()}
+    rows: dict[str, list] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.setdefault(row["video"], []).append((float(row["weight"]), float(row["start"]), float(row["end"])))
+    return {v: (np.array([r[0] for r in rs]), np.array([r[1:] for r in rs]).reshape(-1, 2)) for v, rs in rows.items()}
+
+
+def plot_weights_vs_ground_truth(
+    weights,
+    segment_times,
+    ground_truth: Sequence[GroundTruth],
+    path: str | Path,
+    *,
+    detections: Sequence[Detection] = (),
+    title: str | None = None,
+) -> Path:
+    """Save a PNG of attention weights over time with the ground truth segments shaded.
+
+    Args:
+        weights: (N,) weights, or a mapping name -> (N,) to draw several curves (e.g. "rgb", "flow").
+        segment_times: (N, 2) [start, end] seconds; each weight is drawn flat over its segment.
+        ground_truth: the video's ground truth instances (shaded in green, labelled).
+        path: the PNG file.
+        detections: optional detections, drawn as red bars under the curve.
+        title: the plot title.
+
+    Returns:
+        The path written.
+    """
+    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    times = _numpy(segment_times, "segment_times", 2)
+    curves = weights if isinstance(weights, Mapping) else {"weight": weights}
+    fig = Figure(figsize=(10, 3), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for g in ground_truth:
+        ax.axvspan(g.start, g.end, color="tab:green", alpha=0.25, linewidth=0)
+        ax.text((g.start + g.end) / 2, 1.0, g.label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    for name, values in curves.items():
+        a = _numpy(values, f"weights {name!r}", 1)
+        if len(a) != len(times):
+            raise ValueError(f"weights {name!r} has {len(a)} values for {len(times)} segments")
+        x = np.stack([times[:, 0], times[:, 1]], axis=1).ravel()  # each weight flat over its segment
+        ax.plot(x, np.repeat(a, 2), label=name)
+    for d in detections:
+        ax.plot([d.start, d.end], [0, 0], color="tab:red", linewidth=4, solid_capstyle="butt")
+    if len(times):
+        ax.set_xlim(times[:, 0].min(), times[:, 1].max())
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("attention weight")
+    if len(curves) > 1:
+        ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(Path(path), format="png")
+    return Path(path)
