@@ -195,8 +195,10 @@ def _load_ucf101(folder: Path, root: Path | None, split: int) -> Dataset:
 
 def _load_hmdb51(folder: Path, root: Path | None, split: int) -> Dataset:
     base = root if root is not None else folder
-    files = sorted(folder.glob(f"*_test_split{split}.txt"))
-    names = [f.name[: -len(f"_test_split{split}.txt")] for f in files]
+    suffix = f"_test_split{split}.txt"
+    # sorted by class name (as the official label order), not by file name: climb < climb_stairs
+    files = sorted(folder.glob(f"*{suffix}"), key=lambda f: f.name[: -len(suffix)])
+    names = [f.name[: -len(suffix)] for f in files]
     subsets = {"0": "unused", "1": "train", "2": "test"}
     records = []
     for label, (name, listing) in enumerate(zip(names, files)):

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_data
+from datp.io.datasets import (DatasetError, load_dataset, parse_shard, safe_name,
+                              shard_records)
+
+
+def test_folder_tree_labels_from_sorted_classes(video_dir):
+    ds = load_dataset(video_dir)
+    assert ds.class_names == ["left", "right"]
+    by_id = {r.id: r for r in ds.records}
+    assert by_id["left/clip1"].label == 0 and by_id["right/clip0"].label == 1
+    assert {r.split for r in ds.records} == {"all"}
+
+
+def test_list_file_relative_to_list_or_root(tmp_path, video_dir):
+    listing = tmp_path / "trainlist.txt"
+    listing.write_text("right/clip0.mkv 1\r\nleft/clip1.mkv 0\r\n")
+    ds = load_dataset(listing, root=video_dir)
+    assert [(r.id, r.label, r.split) for r in ds.records] == [("right/clip0", 1, "train"),
+                                                              ("left/clip1", 0, "train")]
+    assert ds.missing() == []
+    assert load_dataset(listing).missing()  # relative to the list's folder: not there
+
+
+def test_malformed_list_line_names_file_and_line(tmp_path):
+    listing = tmp_path / "test.txt"
+    listing.write_text("a.mp4 1\nb.mp4 one\n")
+    with pytest.raises(DatasetError, match=r"test.txt:2: expected '<video path> <integer label>'"):
+        load_dataset(listing)
+
+
+def test_ucf101_official_split_files():
+    folder = shared_data("splits", "ucf101")
+    ds = load_dataset(folder, root="/data/UCF101", split=1)
+    assert len(ds.class_names) == 101 and ds.class_names[0] == "ApplyEyeMakeup"
+    train = [r for r in ds.records if r.split == "train"]
+    test = [r for r in ds.records if r.split == "test"]
+    assert (len(train), len(test)) == (9537, 3783)  # UCF101 split 1
+    first = train[0]
+    assert first.id == "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01" and first.label == 0
+    assert first.path == Path("/data/UCF101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi")
+    assert test[-1].label == 100  # labels come from classInd (1-based) minus 1
+
+
+def test_hmdb51_official_split_files():
+    folder = shared_data("splits", "hmdb51")
+    ds = load_dataset(folder, root="/data/hmdb51", split=1)
+    label_map = shared_data("splits", "label_maps", "hmdb51_label_map.txt").read_text().split()
+    assert ds.class_names == label_map  # the official label order
+    counts = {s: sum(r.split == s for r in ds.records) for s in ("train", "test", "unused")}
+    assert counts == {"train": 3570, "test": 1530, "unused": 1666}  # 70/30 per class, split 1
+    wave = [r for r in ds.records if r.id.startswith("wave/")]
+    assert {r.label for r in wave} == {ds.class_names.index("wave")}
+
+
+def test_single_video_and_manifest(tmp_path, video_dir):
+    video = video_dir / "left" / "clip1.mkv"
+    assert [(r.id, r.label) for r in load_dataset(video).records] == [("clip1", -1)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"id,path,label,split\na,{video},0,train\nb,{video},x,test\n")
+    with pytest.raises(DatasetError, match=r"manifest.csv:3: label 'x'"):
+        load_dataset(manifest)
+
+
+def test_duplicate_ids_across_sources_rejected(tmp_path, video_dir):
+    listing = tmp_path / "a.txt"
+    listing.write_text("right/clip0.mkv 1\n")
+    with pytest.raises(DatasetError, match="already listed"):
+        load_dataset([listing, listing], root=video_dir)
+
+
+def test_shards_partition_the_dataset_stably():
+    from datp.io.datasets import Record
+
+    records = [Record(f"c/v{i}", Path(f"v{i}.mp4")) for i in range(200)]
+    shards = [shard_records(records, i, 3) for i in range(3)]
+    ids = [r.id for shard in shards for r in shard]
+    assert sorted(ids) == sorted(r.id for r in records)  # a partition: each video once
+    assert min(len(s) for s in shards) > 40  # roughly balanced
+    # a video stays in its shard when the dataset grows
+    grown = records + [Record(f"new{i}", Path("x")) for i in range(50)]
+    assert {r.id for r in shard_records(grown, 1, 3)} >= {r.id for r in shards[1]}
+
+
+def test_parse_shard(monkeypatch):
+    assert parse_shard("2/4") == (2, 4)
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        parse_shard("4/4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_shard(None) == (1, 2)
+
+
+def test_safe_name_cannot_escape_a_folder():
+    for vid in ["../../etc/passwd", "a/b", ".hidden", "x" * 500]:
+        name = safe_name(vid)
+        assert "/" not in name and not name.startswith(".") and len(name) <= 200
+    assert safe_name("a/b") != safe_name("a_b")
