@@ -73,7 +73,9 @@ def hflip(x: torch.Tensor, *, flow: bool) -> torch.Tensor:
     return out
 
 
-def crop_views(x: torch.Tensor, *, resize: int | None = 256, crop: int = 224, num_crops: int = 1) -> torch.Tensor:
+def crop_views(
+    x: torch.Tensor, *, resize: int | None = 256, crop: int = 224, num_crops: int = 1
+) -> torch.Tensor:
     """Resize the short side, then take the centre crop or ten crops.
 
     Args:
@@ -208,13 +210,13 @@ def multi_scale_crop(
 
 
 def _train_views(
-    x: torch.Tensor, *, resize: int | None, size: int, multi_scale: bool, generator: torch.Generator
+    x: torch.Tensor, *, resize: int | None, size: int, multi_scale: bool, rng: torch.Generator
 ) -> torch.Tensor:
     if resize is not None:
         x = F.resize(x, resize, antialias=True)
     if multi_scale:
-        return multi_scale_crop(x, size=size, generator=generator)
-    return random_crop(x, size=size, generator=generator)
+        return multi_scale_crop(x, size=size, generator=rng)
+    return random_crop(x, size=size, generator=rng)
 
 
 def rgb_train(
@@ -241,7 +243,7 @@ def rgb_train(
     Returns:
         (N, 3, S, S) float32.
     """
-    x = _train_views(rgb_to_float(frames), resize=resize, size=size, multi_scale=multi_scale, generator=generator)
+    x = _train_views(rgb_to_float(frames), resize=resize, size=size, multi_scale=multi_scale, rng=generator)
     return random_hflip(F.normalize(x, list(mean), list(std)), flow=False, generator=generator)
 
 
@@ -262,5 +264,5 @@ def flow_train(
     Returns:
         (N, 2L, S, S) float32.
     """
-    x = _train_views(flow_to_float(stacks), resize=resize, size=size, multi_scale=multi_scale, generator=generator)
+    x = _train_views(flow_to_float(stacks), resize=resize, size=size, multi_scale=multi_scale, rng=generator)
     return random_hflip(x, flow=True, generator=generator)

@@ -25,8 +25,9 @@ def _gen(seed=0):
 
 
 def _close(got, want, atol=0.0):
+    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
     diff = (got - want).abs().max().item()
-    assert got.shape == want.shape and diff <= atol, f"shape {tuple(got.shape)} vs {tuple(want.shape)}, max |diff| {diff}"
+    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 def _frames(N=2, H=30, W=40):
