@@ -312,3 +312,113 @@ def test_thumos14_reader(tmp_path):
     (tmp_path / "Bad_test.txt").write_text("video_test_1 1.0\n")
     with pytest.raises(ValueError, match="Bad_test.txt:1"):
         read_thumos14_ground_truth(tmp_path, subset="test")
+
+
+# ----------------------------------------------- cross-check against the official code's loops
+# Plain-loop transliterations of ActivityNet's compute_average_precision_detection (+ segment_iou,
+# interpolated_prec_rec) and THUMOS14's TH14eventdetpr.m (+ intervaloverlapvalseconds, prap), kept
+# close to the originals' structure so that a change in datp's vectorised matching shows up here.
+
+
+def _official_anet(gts, dets, thresholds):
+    if not dets:
+        return np.zeros(len(thresholds))
+    lock = -np.ones((len(thresholds), len(gts)))
+    dets = sorted(dets, key=lambda d: -d.score)
+    tp, fp = np.zeros((len(thresholds), len(dets))), np.zeros((len(thresholds), len(dets)))
+    for idx, p in enumerate(dets):
+        g_idx = [i for i, g in enumerate(gts) if g.video == p.video]
+        if not g_idx:
+            fp[:, idx] = 1
+            continue
+        segs = np.array([[gts[i].start, gts[i].end] for i in g_idx])
+        inter = (np.minimum(p.end, segs[:, 1]) - np.maximum(p.start, segs[:, 0])).clip(0)
+        tiou = inter / ((segs[:, 1] - segs[:, 0]) + (p.end - p.start) - inter)
+        for t, threshold in enumerate(thresholds):
+            for j in np.argsort(-tiou, kind="stable"):
+                if tiou[j] < threshold:
+                    fp[t, idx] = 1
+                    break
+                if lock[t, g_idx[j]] >= 0:
+                    continue
+                tp[t, idx], lock[t, g_idx[j]] = 1, idx
+                break
+            if fp[t, idx] == 0 and tp[t, idx] == 0:
+                fp[t, idx] = 1
+    out = []
+    for t in range(len(thresholds)):
+        tc, fc = np.cumsum(tp[t]), np.cumsum(fp[t])
+        mprec, mrec = np.hstack([[0], tc / (tc + fc), [0]]), np.hstack([[0], tc / len(gts), [1]])
+        for i in range(len(mprec) - 1)[::-1]:
+            mprec[i] = max(mprec[i], mprec[i + 1])
+        idx = np.where(mrec[1:] != mrec[:-1])[0] + 1
+        out.append(np.sum((mrec[idx] - mrec[idx - 1]) * mprec[idx]))
+    return np.array(out)
+
+
+def _overlaps(a, b):
+    out = np.zeros((len(a), len(b)))
+    for i, (s1, e1) in enumerate(a):
+        for j, (s2, e2) in enumerate(b):
+            iw = min(e1, e2) - max(s1, s2)
+            out[i, j] = iw / (max(e1, e2) - min(s1, s2)) if iw > 0 else 0
+    return out
+
+
+def _official_thumos(gts, dets, ambiguous, threshold):
+    confs, flags = [], []
+    for video in sorted({g.video for g in gts} | {d.video for d in dets}):
+        gt = [(g.start, g.end) for g in gts if g.video == video]
+        amb = [(a.start, a.end) for a in ambiguous if a.video == video]
+        det = sorted((d for d in dets if d.video == video), key=lambda d: -d.score)
+        if not det:
+            continue
+        free, in_amb = np.ones(len(det)), np.zeros(len(det))
+        if gt:
+            ov = _overlaps(gt, [(d.start, d.end) for d in det])
+            for k in range(len(gt)):
+                ind = np.flatnonzero(free)
+                if len(ind) and ov[k, ind].max() > threshold:
+                    free[ind[np.argmax(ov[k, ind])]] = 0
+        if amb:
+            in_amb = _overlaps(amb, [(d.start, d.end) for d in det]).sum(axis=0)
+        for i in sorted(list(np.flatnonzero(free == 0)) + list(np.flatnonzero((free == 1) & (in_amb == 0)))):
+            confs.append(det[i].score)
+            flags.append(free[i] == 0)
+    if not confs:
+        return 0.0
+    is_tp = np.array(flags)[np.argsort(-np.array(confs), kind="stable")]
+    precision = np.cumsum(is_tp) / np.arange(1, len(is_tp) + 1)
+    return precision[is_tp].sum() / len(gts)
+
+
+def test_matches_loop_transliteration_of_official_code():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(60):
+        gts, dets, amb = [], [], []
+        for v in range(4):
+            for _ in range(rng.integers(0, 4)):
+                s = rng.uniform(0, 60)
+                gts.append(GroundTruth(f"v{v}", str(rng.choice(["A", "B"])), s, s + rng.uniform(1, 15)))
+            if rng.uniform() < 0.4:
+                s = rng.uniform(0, 60)
+                amb.append(AmbiguousRegion(f"v{v}", s, s + rng.uniform(1, 10)))
+            for _ in range(rng.integers(0, 6)):
+                s = rng.uniform(0, 60)
+                dets.append(Detection(f"v{v}", str(rng.choice(["A", "B"])), s, s + rng.uniform(1, 15), rng.uniform()))
+        for g in gts:  # noisy copies of most ground truth
+            if rng.uniform() < 0.7:
+                start = g.start + rng.normal(0, 1)
+                dets.append(Detection(g.video, g.label, start, g.end + abs(rng.normal(0, 1)) + 2, rng.uniform()))
+        if not gts:
+            continue
+        truth = GroundTruthSet(tuple(gts), tuple(amb))
+        anet = evaluate_detection(dets, truth, evaluator="anet")
+        thumos = evaluate_detection(dets, truth, evaluator="thumos14")
+        for label in anet.ap:
+            G, D = [g for g in gts if g.label == label], [d for d in dets if d.label == label]
+            worst = max(worst, np.abs(np.array(anet.ap[label]) - _official_anet(G, D, ANET_THRESHOLDS)).max())
+            expected = [_official_thumos(G, D, amb, t) for t in THUMOS14_THRESHOLDS]
+            worst = max(worst, np.abs(np.array(thumos.ap[label]) - expected).max())
+    assert worst <= 1e-12, f"largest difference from the official loops: {worst}"
