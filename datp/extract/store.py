@@ -65,11 +65,14 @@ class VideoFeatures:
         t: (n,) float32 segment centre times in [0, 1].
         frame: (n,) int64 first frame index of each segment.
         streams: {stream: (conv (n, Cf, h, w), logits (n, C))}.
+        num_frames, fps: the decoded video's, when known (override the VideoRow's).
     """
 
     t: np.ndarray
     frame: np.ndarray
     streams: dict[str, tuple[np.ndarray, np.ndarray]]
+    num_frames: int = 0
+    fps: float = 0.0
 
 
 def base_attrs(*, layout: str, class_names: Sequence[str], new_length: dict, settings: dict,
@@ -98,6 +101,8 @@ def write_part(out: Path, video_id: str, features: VideoFeatures) -> Path:
     path = folder / f"{safe_name(video_id)}.h5"
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["id"] = video_id
+        f.attrs["num_frames"] = int(features.num_frames)
+        f.attrs["fps"] = float(features.fps)
         f["t"] = np.asarray(features.t, np.float32)
         f["frame"] = np.asarray(features.frame, np.int64)
         for stream, (conv, logits) in features.streams.items():
@@ -154,6 +159,7 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
         else:
             sources.append((None, None))
     lengths = np.array([_length(kind, src) for kind, src in sources], np.int64)
+    videos = [_with_counts(row, kind, src) for row, (kind, src) in zip(videos, sources)]
     ragged = attrs["layout"] == "ragged"
     if not ragged:
         n = int(attrs["num_segments"])
@@ -212,6 +218,20 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
     return int((lengths > 0).sum())
 
 
+def _with_counts(row: VideoRow, kind, src) -> VideoRow:
+    """The row with num_frames / fps from its features when they carry them."""
+    if kind is None:
+        return row
+    if kind == "mem":
+        n, fps = src.num_frames, src.fps
+    else:
+        with h5py.File(src, "r") as f:
+            n, fps = int(f.attrs.get("num_frames", 0)), float(f.attrs.get("fps", 0.0))
+    if not n:
+        return row
+    return VideoRow(row.id, row.label, row.split, n, fps)
+
+
 def _length(kind, src) -> int:
     if kind is None:
         return 0
@@ -259,7 +279,7 @@ def _old_rows(out: Path) -> dict[str, VideoFeatures]:
         rows[store.ids[i]] = VideoFeatures(
             store._file["segments/t"][seg], store._file["segments/frame"][seg],
             {s: (store._file[f"{s}/conv"][seg], store._file[f"{s}/logits"][seg])
-             for s in store.streams})
+             for s in store.streams}, int(store.num_frames[i]), float(store.fps[i]))
     store.close()
     return rows
 
@@ -430,3 +450,70 @@ class FeatureStore:
                     logits[stream][b, :m] = torch.from_numpy(self._file[f"{stream}/logits"][rows])
         return Batch(convs, logits, t, frame, mask, torch.from_numpy(self.labels[idx]),
                      torch.from_numpy(idx))
+
+
+def merge_feature_stores(inputs: Sequence[Path], out: Path, *, copy: bool = False) -> int:
+    """Join the shard stores of one extract-features run into one store (rows in input order).
+
+    Without `copy` the big arrays are virtual datasets over the inputs (nothing copied; the
+    inputs must stay in place); with `copy` the merged file is self-contained.
+
+    Returns:
+        The number of done videos.
+    """
+    stores = [FeatureStore(p) for p in inputs]
+    try:
+        first = stores[0]
+        skip = ("created", "settings", "index_only")
+        for store in stores[1:]:
+            a = {k: v for k, v in first.attrs.items() if k not in skip}
+            b = {k: v for k, v in store.attrs.items() if k not in skip}
+            if str(a) != str(b) or store.streams != first.streams:
+                raise StoreError(f"{store.path} was made with other settings than {first.path}; "
+                                 "only shards of one run can be merged")
+        ids = [i for s in stores for i in s.ids]
+        if len(set(ids)) != len(ids):
+            raise StoreError("a video is in two of the inputs; merge the shards of one run")
+        rows = [VideoRow(i, int(l), str(sp), int(n), float(f)) for s in stores
+                for i, l, sp, n, f in zip(s.ids, s.labels, s.splits, s.num_frames, s.fps)]
+        ragged = first.layout == "ragged"
+        with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update(first.attrs)
+            f.attrs["index_only"] = False
+            v = f.create_group("videos")
+            v["id"] = np.array([r.id for r in rows], dtype=object).astype(_STR)
+            v["label"] = np.array([r.label for r in rows], np.int64)
+            v["split"] = np.array([r.split for r in rows], dtype=object).astype(_STR)
+            v["num_frames"] = np.array([r.num_frames for r in rows], np.int64)
+            v["fps"] = np.array([r.fps for r in rows], np.float32)
+            f["done"] = np.concatenate([s.done for s in stores])
+            keys = ["segments/t", "segments/frame"] + [f"{st}/{k}" for st in first.streams
+                                                        for k in ("conv", "logits")]
+            if ragged:
+                lengths = np.concatenate([s.length for s in stores])
+                f["segments/length"] = lengths
+                f["segments/offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            for key in keys:
+                parts = [s._file[key] for s in stores]
+                shape = (sum(p.shape[0] for p in parts),) + parts[0].shape[1:]
+                if copy:
+                    ds = f.create_dataset(key, shape=shape, dtype=parts[0].dtype,
+                                          chunks=parts[0].chunks if all(shape) else None,
+                                          compression=parts[0].compression)
+                    start = 0
+                    for p in parts:
+                        ds[start:start + p.shape[0]] = p[()]
+                        start += p.shape[0]
+                else:
+                    layout = h5py.VirtualLayout(shape=shape, dtype=parts[0].dtype)
+                    start = 0
+                    for s, p in zip(stores, parts):
+                        if p.shape[0]:
+                            name = str(s.path.resolve()).replace("%", "%%")
+                            layout[start:start + p.shape[0]] = h5py.VirtualSource(name, key, shape=p.shape)
+                        start += p.shape[0]
+                    f.create_virtual_dataset(key, layout, fillvalue=0)
+        return int(sum(s.done.sum() for s in stores))
+    finally:
+        for store in stores:
+            store.close()
