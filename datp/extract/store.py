@@ -20,12 +20,16 @@ One HDF5 file (docs/architecture.md shows it with an example):
 Writing is crash-safe like the flow store (`datp.io.atomic`): each video goes to a part file
 `<out>.parts/<safe id>.h5`; `build_store` assembles the store from the parts: during a run as
 an index of virtual datasets over the parts (no copy), at the end as one self-contained file.
+A rerun over a finished store (to add videos or retry failed ones) first moves it aside to
+`<out>.parts/_store_base.hdf5`; its done rows are kept (linked into the index during the run,
+copied at the end), so the store keeps opening and nothing finished is lost.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ from datp.io.datasets import safe_name
 
 SCHEMA = 1
 KIND = "features"
+BASE_NAME = "_store_base.hdf5"  # a finished store moved aside by a rerun (parts end in .h5)
 STREAMS = ("rgb", "flow")
 _STR = h5py.string_dtype("utf-8")
 
@@ -118,13 +123,15 @@ def done_ids(out: Path) -> set[str]:
     for path in finished_parts(parts_dir(out)).values():
         with h5py.File(path, "r") as f:
             ids.add(str(f.attrs["id"]))
-    if out.is_file():
-        with h5py.File(out, "r") as f:
-            if f.attrs.get("datp_kind") == KIND and not f.attrs.get("index_only", False):
-                done = f["done"][:]
-                ids.update(v.decode() if isinstance(v, bytes) else v
-                           for v, d in zip(f["videos/id"][:], done) if d)
+    for path in (parts_dir(out) / BASE_NAME, out):
+        ids.update(_old_rows(path))
     return ids
+
+
+def _is_final(path: Path) -> bool:
+    """True when `path` is a self-contained feature store (not an index over parts)."""
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("datp_kind") == KIND and not f.attrs.get("index_only", False)
 
 
 def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Sequence[str], *,
@@ -145,9 +152,15 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
     """
     out = Path(out)
     features = dict(features or {})
+    base = parts_dir(out) / BASE_NAME
+    if not final and not base.exists() and out.is_file() and _is_final(out):
+        # A rerun over a finished store: the index about to replace it links into it instead.
+        base.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, base)
     parts = finished_parts(parts_dir(out))
-    old_rows = _old_rows(out) if final else {}
-    sources: list[tuple[str, object]] = []  # per video: ("mem", VideoFeatures) | ("part", path)
+    old_rows = _old_rows(base if base.is_file() else out)
+    # per video: ("mem", VideoFeatures) | ("part", path) | ("old", _OldRow) | (None, None)
+    sources: list[tuple[str, object]] = []
     for row in videos:
         name = safe_name(row.id)
         if row.id in features:
@@ -155,7 +168,7 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
         elif name in parts:
             sources.append(("part", parts[name]))
         elif row.id in old_rows:
-            sources.append(("mem", old_rows[row.id]))
+            sources.append(("old", old_rows[row.id]))
         else:
             sources.append((None, None))
     lengths = np.array([_length(kind, src) for kind, src in sources], np.int64)
@@ -210,6 +223,10 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
                         source = str(Path(src).resolve()).replace("%", "%%")
                         layout[row] = h5py.VirtualSource(source, key,
                                                          shape=(int(m),) + tuple(tail))
+                    elif m and kind == "old":
+                        source = str(Path(src.path).resolve()).replace("%", "%%")
+                        whole = h5py.VirtualSource(source, dest, shape=src.shapes[dest])
+                        layout[row] = whole[src.rows]
                     elif m:
                         raise StoreError("in-memory features need final=True")
                 f.create_virtual_dataset(dest, layout, fillvalue=0)
@@ -222,7 +239,7 @@ def _with_counts(row: VideoRow, kind, src) -> VideoRow:
     """The row with num_frames / fps from its features when they carry them."""
     if kind is None:
         return row
-    if kind == "mem":
+    if kind in ("mem", "old"):
         n, fps = src.num_frames, src.fps
     else:
         with h5py.File(src, "r") as f:
@@ -237,6 +254,8 @@ def _length(kind, src) -> int:
         return 0
     if kind == "mem":
         return len(src.t)
+    if kind == "old":
+        return src.length
     with h5py.File(src, "r") as f:
         return int(f["t"].shape[0])
 
@@ -247,6 +266,9 @@ def _read(kind, src, key: str) -> np.ndarray:
             return getattr(src, key)
         stream, field = key.split("/")
         return src.streams[stream][0 if field == "conv" else 1]
+    if kind == "old":
+        with h5py.File(src.path, "r") as f:
+            return f[f"segments/{key}" if key in ("t", "frame") else key][src.rows]
     with h5py.File(src, "r") as f:
         return f[key][:]
 
@@ -265,23 +287,36 @@ def _shapes(sources, streams) -> dict[str, tuple[tuple, tuple]]:
     return shapes
 
 
-def _old_rows(out: Path) -> dict[str, VideoFeatures]:
-    """Done rows of an existing final store (kept when a rerun adds videos)."""
-    if not out.is_file():
+@dataclass(frozen=True)
+class _OldRow:
+    """A done row of a finished store (`path`): its rows selector and dataset shapes."""
+
+    path: Path
+    rows: int | slice
+    length: int
+    num_frames: int
+    fps: float
+    shapes: dict
+
+
+def _old_rows(path: Path) -> dict[str, _OldRow]:
+    """Done rows of a finished store (kept when a rerun adds or retries videos), by id."""
+    path = Path(path)
+    if not path.is_file() or not _is_final(path):
         return {}
-    with h5py.File(out, "r") as f:
-        if f.attrs.get("datp_kind") != KIND or f.attrs.get("index_only", False):
-            return {}
-    store = FeatureStore(out)
-    rows = {}
-    for i in np.flatnonzero(store.done):
-        seg = store._rows(i)
-        rows[store.ids[i]] = VideoFeatures(
-            store._file["segments/t"][seg], store._file["segments/frame"][seg],
-            {s: (store._file[f"{s}/conv"][seg], store._file[f"{s}/logits"][seg])
-             for s in store.streams}, int(store.num_frames[i]), float(store.fps[i]))
-    store.close()
-    return rows
+    with h5py.File(path, "r") as f:
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["videos/id"][:]]
+        done, frames, fps = f["done"][:], f["videos/num_frames"][:], f["videos/fps"][:]
+        shapes = {k: f[k].shape for k in ("segments/t", "segments/frame")}
+        shapes.update({f"{s}/{k}": f[f"{s}/{k}"].shape for s in STREAMS if s in f
+                       for k in ("conv", "logits")})
+        if f.attrs["layout"] == "ragged":
+            offset, length = f["segments/offset"][:], f["segments/length"][:]
+            rows = [slice(int(o), int(o + m)) for o, m in zip(offset, length)]
+        else:
+            rows, length = list(range(len(ids))), np.full(len(ids), int(f.attrs["num_segments"]))
+    return {ids[i]: _OldRow(path, rows[i], int(length[i]), int(frames[i]), float(fps[i]), shapes)
+            for i in np.flatnonzero(done)}
 
 
 def write_features(out: Path, videos: Sequence[VideoRow], features: dict[str, VideoFeatures],
@@ -495,20 +530,26 @@ def merge_feature_stores(inputs: Sequence[Path], out: Path, *, copy: bool = Fals
                 f["segments/offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
             for key in keys:
                 parts = [s._file[key] for s in stores]
-                shape = (sum(p.shape[0] for p in parts),) + parts[0].shape[1:]
+                # A shard whose videos all failed has no per-segment shape (conv (0, 0, 0)): take
+                # the shape of a shard that has one; the failed rows are not done and stay zeros.
+                tail = next((p.shape[1:] for p in parts if p.size), parts[0].shape[1:])
+                model = next(p for p in parts if p.shape[1:] == tail)
+                shape = (sum(p.shape[0] for p in parts),) + tail
                 if copy:
-                    ds = f.create_dataset(key, shape=shape, dtype=parts[0].dtype,
-                                          chunks=parts[0].chunks if all(shape) else None,
-                                          compression=parts[0].compression)
+                    ds = f.create_dataset(key, shape=shape, dtype=model.dtype,
+                                          chunks=model.chunks if all(shape) else None,
+                                          compression=model.compression)
                     start = 0
                     for p in parts:
-                        ds[start:start + p.shape[0]] = p[()]
+                        if p.shape[1:] == tail:
+                            for i in range(0, p.shape[0], 256):  # bounded memory per copy
+                                ds[start + i:start + min(i + 256, p.shape[0])] = p[i:i + 256]
                         start += p.shape[0]
                 else:
-                    layout = h5py.VirtualLayout(shape=shape, dtype=parts[0].dtype)
+                    layout = h5py.VirtualLayout(shape=shape, dtype=model.dtype)
                     start = 0
                     for s, p in zip(stores, parts):
-                        if p.shape[0]:
+                        if p.shape[0] and p.shape[1:] == tail:
                             name = str(s.path.resolve()).replace("%", "%%")
                             layout[start:start + p.shape[0]] = h5py.VirtualSource(name, key, shape=p.shape)
                         start += p.shape[0]
