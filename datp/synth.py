@@ -45,6 +45,10 @@ ACTIVITYNET_SUBSETS = {"train": "training", "test": "validation"}
 _DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
                "diagonal": (0.7071, 0.7071)}  # (dx, dy) in image coordinates: y grows downwards
 _BACKGROUND = 60.0  # mean background intensity
+_TRAVEL = 0.4  # distance a translating event covers, as a fraction of the frame size
+_TURN = np.pi / 2  # angle a rotating event turns
+_FULL_MOTION_FRAMES = 6  # shorter events move less (a speed limit for optical flow)
+_TEXTURE_CUTOFF = 0.06  # background texture: Gaussian low-pass width in cycles per pixel
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class SynthConfig:
 def render_video(cfg: SynthConfig, *, label: int, split: str, index: int) -> tuple[np.ndarray, dict]:
     """Make the frames of one video; a pure function of its arguments.
 
-    Each video draws from its own generator seeded by (seed, label, split, index), so a video does
+    Each video draws from its own generators seeded by (seed, label, split, index), so a video does
     not change when other videos are added or removed.
 
     Args:
@@ -149,24 +153,28 @@ def render_video(cfg: SynthConfig, *, label: int, split: str, index: int) -> tup
         raise ValueError(f"label={label}: use 0 to {cfg.num_classes - 1}")
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
-    rng = np.random.default_rng([cfg.seed, label, SPLITS.index(split), index])
+    # Separate streams for the timeline, the background and the drawn motions, so that a difficulty
+    # knob changes only what it controls (e.g. distractor_strength leaves the event times and paths).
+    seeds = np.random.SeedSequence([cfg.seed, label, SPLITS.index(split), index]).spawn(4)
+    timing, scenery, event_rng, confuser_rng = (np.random.default_rng(s) for s in seeds)
     S, E = cfg.size, cfg.event_frames
     if cfg.untrimmed:
-        T = round(rng.uniform(*cfg.untrimmed_duration_s) * cfg.fps)
-        events = _place_events(T, E, int(rng.integers(1, cfg.max_events + 1)), rng)
+        T = round(timing.uniform(*cfg.untrimmed_duration_s) * cfg.fps)
+        events = _place_events(T, E, int(timing.integers(1, cfg.max_events + 1)), timing)
     else:
         T = round(cfg.duration_s * cfg.fps)
-        events = _place_events(T, E, 1, rng)
-    confuser = int((label + rng.integers(1, cfg.num_classes)) % cfg.num_classes)
+        events = _place_events(T, E, 1, timing)
+    confuser = int((label + timing.integers(1, cfg.num_classes)) % cfg.num_classes)
     stretches = _free_stretches(T, events, E)
-    confusers = [s for s in stretches if rng.random() < cfg.confuser_probability]
+    draws = timing.random(len(stretches))
+    confusers = [s for s, u in zip(stretches, draws) if u < cfg.confuser_probability]
 
-    frames = _background(T, S, cfg.distractor_strength, rng)  # (T, S, S) gray
+    frames = _background(T, S, cfg.distractor_strength, scenery)  # (T, S, S) gray
     frames = np.repeat(frames[..., None], 3, axis=-1)  # (T, S, S, 3)
     for start, end in confusers:
-        _draw_motion(frames[start:end], confuser, cfg.confuser_strength, rng)
+        _draw_motion(frames[start:end], confuser, cfg.confuser_strength, E, confuser_rng)
     for start, end in events:
-        _draw_motion(frames[start:end], label, 1.0, rng)
+        _draw_motion(frames[start:end], label, 1.0, E, event_rng)
     frames = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
     info = {
@@ -212,7 +220,7 @@ def _background(T: int, S: int, strength: float, rng: np.random.Generator) -> np
     # A band-limited periodic texture can be shifted by fractional pixels exactly with a phase ramp in
     # Fourier space; bilinear interpolation would blur it and make the flow non-uniform.
     ky, kx = np.fft.fftfreq(S), np.fft.rfftfreq(S)
-    lowpass = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2) / 0.06**2)  # (S, S//2+1)
+    lowpass = np.exp(-0.5 * (ky[:, None] ** 2 + kx[None, :] ** 2) / _TEXTURE_CUTOFF**2)  # (S, S//2+1)
     spectrum = np.fft.rfft2(rng.standard_normal((S, S))) * lowpass
     angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.0)  # pixels per frame
     t = np.arange(T)
@@ -235,44 +243,48 @@ def _background(T: int, S: int, strength: float, rng: np.random.Generator) -> np
     return frames
 
 
-def _draw_motion(frames: np.ndarray, label: int, strength: float, rng: np.random.Generator) -> None:
+def _draw_motion(frames: np.ndarray, label: int, strength: float, length: int,
+                 rng: np.random.Generator) -> None:
     """Draw class `label`'s motion over `frames` ((T, S, S, 3) float, changed in place).
 
-    The shape's size, the distance or angle it covers (hence its speed) and its opacity scale with
-    `strength` (1 for a real event, cfg.confuser_strength for a confuser).
+    The whole motion takes `length` frames; a shorter stretch (T < length) shows its beginning. The
+    shape's size, the distance or angle it covers (hence its speed) and its opacity scale with
+    `strength` (1 for a real event, cfg.confuser_strength for a confuser). Events shorter than
+    _FULL_MOTION_FRAMES cover proportionally less, so that no motion is faster than TV-L1 with
+    OpenCV's defaults can follow (about S/15 pixels per frame; docs/synth.md).
     """
     T, S = frames.shape[0], frames.shape[1]
     _, motion, colour = CLASSES[label]
     y, x = _grid(S)
-    p = (np.arange(T) + 0.5) / T  # progress through the motion, (T,)
+    p = (np.arange(T) + 0.5) / length  # progress through the motion, (T,)
     centre = S / 2 + rng.uniform(-0.08, 0.08, 2) * S
-    jitter = rng.uniform(0.85, 1.15)  # per-event speed variation
+    reach = rng.uniform(0.85, 1.15) * min(1.0, length / _FULL_MOTION_FRAMES)  # per-event variation
     if motion in _DIRECTIONS:
         direction = np.array(_DIRECTIONS[motion])
-        travel = 0.5 * S * strength * jitter  # a real event stays inside the frame
+        travel = _TRAVEL * S * strength * reach
         pos = centre[None] + (p[:, None] - 0.5) * travel * direction[None]  # (T, 2) as (x, y)
         qx, qy = x[None] - pos[:, 0, None, None], y[None] - pos[:, 1, None, None]  # (T, S, S)
         radius = 0.12 * S * strength
         dist = np.maximum(abs(qx), abs(qy)) if motion == "diagonal" else np.hypot(qx, qy)
         alpha = np.clip(radius - dist + 0.5, 0, 1)
-        # A texture that moves with the shape gives the flow something to track inside it.
-        period = max(4.0, radius * 0.8)
-        shade = 0.8 + 0.2 * np.cos(2 * np.pi * qx / period) * np.cos(2 * np.pi * qy / period)
+        # Shading that moves with the shape gives the flow something to track inside it. It is not
+        # periodic: a pattern that repeats every few pixels lets flow lock onto the wrong repeat.
+        shade = 0.75 + 0.25 * np.clip(1 - (qx + qy) / (2 * radius), 0, 1)
     elif motion in ("expand", "contract"):
         grow = p if motion == "expand" else 1 - p
-        ring = (0.06 + 0.28 * grow * jitter) * S * strength  # (T,)
+        ring = (0.06 + 0.28 * grow * reach) * S * strength  # (T,)
         dist = np.hypot(x - centre[0], y - centre[1])[None]
         alpha = np.clip(0.035 * S - abs(dist - ring[:, None, None]) + 0.5, 0, 1)
         shade = np.ones_like(alpha)
     elif motion == "rotate":
-        theta = rng.uniform(0, np.pi) + p * np.pi * strength * jitter  # half a turn per event
+        theta = rng.uniform(0, np.pi) + p * _TURN * strength * reach
         ux, uy = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
         qx, qy = x[None] - centre[0], y[None] - centre[1]
         along = qx * ux + qy * uy  # (T, S, S)
         half = 0.3 * S * strength
         dist = np.hypot(qx - np.clip(along, -half, half) * ux, qy - np.clip(along, -half, half) * uy)
         alpha = np.clip(0.04 * S - dist + 0.5, 0, 1)
-        shade = 0.8 + 0.2 * np.cos(2 * np.pi * along / 6.0)
+        shade = 0.75 + 0.25 * (along / half + 1) / 2  # one end brighter
     else:
         raise AssertionError(motion)
     alpha = (alpha * strength)[..., None]  # (T, S, S, 1): a weaker motion is also fainter
