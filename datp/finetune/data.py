@@ -1,0 +1,288 @@
+"""Training data for finetune: the train/validation/test split, TSN clips, and the epoch order.
+
+Determinism: everything random about a training sample (segment offsets, crop, flip) is drawn from
+generators seeded by `(seed, epoch, video index)`, and the order of an epoch from `(seed, epoch)`.
+So a sample does not depend on which worker process or rank loads it, nor on what came before, and
+a run resumed at an epoch boundary sees exactly the samples of an uninterrupted run.
+
+Sampling (TSN): N segments; training draws one random start in each of N equal parts
+(`segment_indices(..., "train")`), validation and test take the centres ("test"), as
+extract-features does. RGB reads one frame per segment, flow a stack of L consecutive pairs sampled
+in the space of T - 1 pairs (a flow store's or jpg folder's count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datp.extract.sampling import frame_indices, segment_indices, segment_times
+from datp.extract.transforms import flow_to_tensor, flow_train, rgb_to_tensor, rgb_train
+from datp.io.datasets import Dataset, Record
+
+
+@dataclass
+class Splits:
+    """Records to train on, to pick the best epoch with, and to report at the end."""
+
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+
+
+def carve_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out a seeded, class-stratified share of `records` for validation.
+
+    Class c with n_c videos gives `min(floor(fraction * n_c + 0.5), n_c - 1)` of them, chosen by a
+    generator seeded with `(seed, c)`, so every class keeps at least one training video (a class
+    with a single video gives none). Order within each part is the input order.
+
+    Returns:
+        (train, val), a partition of `records`.
+    """
+    held: set[int] = set()
+    labels = np.array([r.label for r in records])
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        take = min(int(np.floor(fraction * len(members) + 0.5)), len(members) - 1)
+        if take > 0:
+            rng = np.random.default_rng([seed, int(c) + 1])  # +1: SeedSequence needs entries >= 0
+            held.update(rng.choice(members, size=take, replace=False).tolist())
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
+
+
+def split_dataset(dataset: Dataset, *, train_split: str = "train", test_split: str = "test",
+                  val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """Train on `train_split`; validate on split "val" records, else on a share carved from train.
+
+    The test split is never used for validation or model choice.
+
+    Raises:
+        ValueError: no labelled training videos, or unlabelled ones.
+    """
+    by_split: dict[str, list[Record]] = {}
+    for record in dataset.records:
+        by_split.setdefault(record.split, []).append(record)
+    train = by_split.get(train_split, [])
+    if not train:
+        found = ", ".join(f"{k} ({len(v)})" for k, v in sorted(by_split.items()))
+        raise ValueError(f"no videos of split {train_split!r} to train on (the dataset has: {found}); "
+                         "give a train list / split folder, or pass --train-split")
+    unlabelled = [r for r in train if r.label < 0]
+    if unlabelled:
+        raise ValueError(f"{unlabelled[0].origin}: video {unlabelled[0].id!r} has no label; finetune "
+                         "needs labelled videos (a folder tree, list file, split folder or manifest)")
+    if train_split != "val" and by_split.get("val"):
+        val = by_split["val"]
+    else:
+        train, val = carve_validation(train, val_fraction, seed)
+    test = by_split.get(test_split, []) if test_split != train_split else []
+    return Splits(train, val, [r for r in test if r.label >= 0])
+
+
+def class_names(dataset: Dataset, splits: Splits) -> list[str]:
+    """The dataset's class names, else "0", "1", ... up to the largest label."""
+    if dataset.class_names:
+        return list(dataset.class_names)
+    top = max(r.label for part in (splits.train, splits.val, splits.test) for r in part)
+    return [str(c) for c in range(top + 1)]
+
+
+def epoch_order(num_items: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """The training order of one epoch for one rank (DistributedSampler's rule, seeded by epoch).
+
+    A permutation seeded by `(seed, epoch)` is padded by repeating its start to a multiple of
+    `world_size`, and rank r takes every world_size-th item from r. Every rank gets the same count,
+    so all ranks take the same number of steps; with one rank it is the permutation itself.
+
+    Returns:
+        (ceil(num_items / world_size),) int64 item indices.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_items)
+    total = -(-num_items // world_size) * world_size
+    order = np.resize(order, total)  # np.resize repeats the array to fill the new length
+    return order[rank::world_size].astype(np.int64)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `(epoch, index)` keys of `epoch_order`; call `set_epoch` before each epoch."""
+
+    def __init__(self, num_items: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_items // self.world_size)
+
+    def __iter__(self):
+        order = epoch_order(self.num_items, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                            world_size=self.world_size)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+def sample_generators(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Independent generators for segment offsets (numpy) and augmentation (torch) of one sample."""
+    torch_seed = int(np.random.default_rng([seed, epoch, index, 1]).integers(2**62))
+    return np.random.default_rng([seed, epoch, index, 0]), torch.Generator().manual_seed(torch_seed)
+
+
+def flow_counts(records: list[Record], flows: str) -> dict[str, int]:
+    """Flow pairs (T - 1) of every record in a flow store or jpg folder, checking all are there.
+
+    Raises:
+        ValueError: a video without flow (naming it and the fix).
+    """
+    counts = {}
+    if Path(flows).is_dir():
+        from datp.flows.jpg import count_frames, video_dir
+
+        for r in records:
+            folder = video_dir(Path(flows), r)
+            if not folder.is_dir():
+                raise ValueError(f"{folder}: no flow for video {r.id!r}; run datp extract-flow "
+                                 f"--format jpg --out {flows} on this dataset first")
+            counts[r.id] = count_frames(folder)[1]
+    else:
+        from datp.flows.store import FlowStore
+
+        with FlowStore(flows) as store:
+            for r in records:
+                if r.id not in store:
+                    raise ValueError(f"{flows} has no flow for video {r.id!r}; run datp extract-flow "
+                                     "on this dataset first")
+                counts[r.id] = int(store.meta(r.id)["num_frames"]) - 1
+    empty = [i for i, n in counts.items() if n < 1]
+    if empty:
+        raise ValueError(f"video {empty[0]!r} has no flow pairs (fewer than 2 frames); remove it from the dataset")
+    return counts
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """One TSN sample per video: N segments, preprocessed for the backbone.
+
+    Keys are `(epoch, index)` pairs (see `EpochSampler`); in eval mode the epoch is ignored.
+
+    Args:
+        records: the videos.
+        stream: "rgb" or "flow".
+        train: random offsets and augmentation, else centred segments and a centre crop.
+        num_segments, new_length: N and L (L is 1 for rgb).
+        flows: flow store or jpg folder (flow stream), and `flow_pairs` its counts by id.
+        short_side, resize, input_size, multi_scale: decoding size and crops (see FinetuneConfig).
+        mean, std: RGB normalisation.
+        seed: the run's seed.
+
+    Items: {"x": (N, C, S, S) float32, "t": (N,) segment times, "label": int, "index": int}.
+    """
+
+    def __init__(self, records: list[Record], *, stream: str, train: bool, num_segments: int,
+                 new_length: int = 1, flows: str | None = None, flow_pairs: dict[str, int] | None = None,
+                 short_side: int = 256, resize: int = 256, input_size: int = 224, multi_scale: bool = True,
+                 mean=None, std=None, seed: int = 0):
+        self.records, self.stream, self.train = records, stream, train
+        self.num_segments, self.new_length = num_segments, new_length if stream == "flow" else 1
+        self.flows, self.flow_pairs = flows, flow_pairs or {}
+        self.short_side, self.resize, self.input_size = short_side, resize, input_size
+        self.multi_scale, self.seed = multi_scale, seed
+        self.norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+        self._store = None  # FlowStore, opened in the process that reads it
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        record = self.records[index]
+        rng, gen = sample_generators(self.seed, epoch, index)
+        mode = "train" if self.train else "test"
+        L = self.new_length
+        if self.stream == "flow":
+            P = self.flow_pairs[record.id]
+            starts = segment_indices(P, self.num_segments, L, mode, rng)
+            stacks = self._flow_stacks(record, frame_indices(starts, L, P))  # (N, L, H, W, 2) uint8
+            t = segment_times(starts, L, P)
+            if self.train:
+                x = flow_train(stacks, resize=self.resize, size=self.input_size,
+                               multi_scale=self.multi_scale, generator=gen)
+            else:
+                x = flow_to_tensor(stacks, resize=self.resize, crop=self.input_size)[:, 0]
+        else:
+            frames, starts, T = self._rgb_frames(record, mode, rng)
+            t = segment_times(starts, 1, T)
+            if self.train:
+                x = rgb_train(frames, resize=self.resize, size=self.input_size,
+                              multi_scale=self.multi_scale, generator=gen, **self.norm)
+            else:
+                x = rgb_to_tensor(frames, resize=self.resize, crop=self.input_size, **self.norm)[:, 0]
+        return {"x": x, "t": torch.from_numpy(t), "label": record.label, "index": index}
+
+    def _rgb_frames(self, record: Record, mode: str, rng) -> tuple[np.ndarray, np.ndarray, int]:
+        """(N, H, W, 3) frames, their indices and T. Decoding stops at the last needed frame when
+        T is known (from the flow counts); otherwise the video is decoded whole, then picked."""
+        from datp.io.decode import DecodeError, VideoInfo, iter_frames
+
+        info = VideoInfo(path=str(record.path))
+        frames = iter_frames(record.path, info, short_side=self.short_side or None)
+        known = self.flow_pairs.get(record.id)
+        try:
+            if known is None:
+                decoded = list(frames)
+                T = len(decoded)
+                starts = segment_indices(T, self.num_segments, 1, mode, rng)
+                picked = {int(j): decoded[j] for j in np.unique(starts)}
+            else:
+                T = known + 1
+                starts = segment_indices(T, self.num_segments, 1, mode, rng)
+                wanted, last, picked = set(starts.tolist()), int(starts.max()), {}
+                for j, frame in enumerate(frames):
+                    if j in wanted:
+                        picked[j] = frame
+                    if j == last:
+                        break
+                if len(picked) < len(wanted):
+                    raise DecodeError(f"{record.path} decodes to fewer frames than the {T} its flow has; "
+                                      "re-extract its flow")
+        finally:
+            frames.close()  # stops the decoder and closes the file
+        if info.errors:
+            raise DecodeError(f"{record.path}: corrupt stream ({info.errors[0]}); remove the video "
+                              "from the dataset or re-encode it")
+        return np.stack([picked[int(j)] for j in starts]), starts, T
+
+    def _flow_stacks(self, record: Record, pairs: np.ndarray) -> np.ndarray:
+        needed = np.unique(pairs)
+        if Path(self.flows).is_dir():
+            import cv2
+
+            from datp.flows.jpg import video_dir
+
+            folder = video_dir(Path(self.flows), record)
+            table = {}
+            for j in needed.tolist():  # jpg names count pairs from 1
+                x = cv2.imread(str(folder / f"flow_x_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
+                y = cv2.imread(str(folder / f"flow_y_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
+                if x is None or y is None:
+                    raise FileNotFoundError(f"{folder}: flow pair {j + 1} is missing; rerun datp extract-flow")
+                table[j] = np.stack([x, y], -1)
+        else:
+            if self._store is None:
+                from datp.flows.store import FlowStore
+
+                self._store = FlowStore(self.flows)
+            table = dict(zip(needed.tolist(), self._store.flow(record.id, needed)))
+        return np.stack([[table[j] for j in row] for row in pairs.tolist()])
+
+    def __getstate__(self) -> dict:  # workers are spawned: send everything but the open store
+        return {**self.__dict__, "_store": None}
+
+
+def worker_init(_worker_id: int) -> None:
+    """One torch thread per decoding worker, so workers and the training step share the cores."""
+    torch.set_num_threads(1)

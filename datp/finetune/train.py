@@ -1,0 +1,269 @@
+"""`finetune(cfg)`: TSN-style end-to-end training of backbone + pooling head, one process or many.
+
+Per epoch: reseed the global torch RNG (dropout) from `(seed, epoch, rank)`, train on this rank's
+share of the epoch order (`datp.finetune.data`), copy rank 0's BatchNorm statistics to every rank,
+validate (each rank a share, sums all-reduced), step the schedule, and let rank 0 write `last.pt`,
+`best.pt` when validation improved, `resume.pt` and `metrics.json` (`datp.finetune.checkpoint`).
+Since sampling, augmentation and dropout are pure functions of the seed and the epoch, a run resumed
+from `resume.pt` computes exactly what an uninterrupted run does (bit for bit on CPU; on GPU up to
+the nondeterminism of cuDNN kernels). An interrupted epoch is redone from its start.
+
+At the end, when the dataset has a test split, the best checkpoint is evaluated on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datp.finetune import checkpoint as ckpt_io
+from datp.finetune import data
+from datp.finetune.config import RESUMABLE_CHANGES, FinetuneConfig, lr_factor
+from datp.finetune.distributed import (
+    Context,
+    all_sum,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    setup,
+    teardown,
+)
+from datp.finetune.model import VideoModel, build_model, param_groups
+
+
+def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
+    """Train backbone + head end to end on `cfg.sources`; see the module docstring.
+
+    Launched by torchrun (WORLD_SIZE > 1) it runs DistributedDataParallel (gloo on CPU, nccl on
+    GPU); only rank 0 writes files and shows progress.
+
+    Returns:
+        On every rank: `out`, `epochs` (finished), `best_epoch` (1-based), `best_val`
+        ({loss, accuracy, videos} or None), `test` (of the best checkpoint, or None), `history`
+        (one dict per epoch), `checkpoint` (best.pt) and `state_sha256` (digest of the final
+        model, equal on all ranks).
+    """
+    ctx = setup(cfg.device)
+    try:
+        return _run(cfg, ctx, progress)
+    finally:
+        teardown(ctx)
+
+
+def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
+    from datp.io.datasets import load_dataset
+
+    dataset = load_dataset(list(cfg.sources), root=cfg.root, split=cfg.split)
+    missing = dataset.missing()
+    if missing:
+        raise ValueError(f"{missing[0].origin}: video {missing[0].path} not found ({len(missing)} of "
+                         f"{len(dataset.records)} missing); check --root")
+    splits = data.split_dataset(dataset, train_split=cfg.train_split, test_split=cfg.test_split,
+                                val_fraction=cfg.val_fraction, seed=cfg.seed)
+    names = data.class_names(dataset, splits)
+    pairs = data.flow_counts(splits.train + splits.val + splits.test, cfg.flows) if cfg.flows else {}
+    model, head_kwargs, _ = build_model(cfg, len(names))
+    if ctx.device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.memory_format = torch.channels_last
+    model.to(ctx.device)
+    optimizer = torch.optim.SGD(param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             conv1_lr_mult=cfg.conv1_lr_mult, head_lr_mult=cfg.head_lr_mult),
+                                lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg))
+    out = Path(cfg.out)
+    state = broadcast_object(_start(cfg, out, ctx) if ctx.is_main else None, ctx)
+    if "error" in state:
+        raise ValueError(state["error"])
+    if "model" in state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(state["epoch"], cfg)  # epochs may have changed (cosine)
+    history, best = state["history"], state["best"]
+    net = model
+    if ctx.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    norm = {"mean": model.backbone.mean, "std": model.backbone.std} if cfg.stream == "rgb" else {}
+    clips = dict(stream=cfg.stream, num_segments=cfg.num_segments, new_length=cfg.new_length, flows=cfg.flows,
+                 flow_pairs=pairs, short_side=cfg.short_side, resize=cfg.resize, input_size=cfg.input_size,
+                 multi_scale=cfg.multi_scale, seed=cfg.seed, **norm)
+    sampler = data.EpochSampler(len(splits.train), seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    train_loader = _loader(data.ClipDataset(splits.train, train=True, **clips), sampler, cfg, ctx)
+    val_loader = _eval_loader(splits.val, clips, cfg, ctx)
+    config = {**cfg.plain(), "head_kwargs": head_kwargs, "class_names": names, "world_size": ctx.world_size}
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, ctx.rank, 2]).integers(2**62)))
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        train = _train_epoch(net, model, train_loader, optimizer, cfg, ctx, progress, epoch)
+        broadcast_buffers(model, ctx)
+        val = _evaluate(model, val_loader, cfg, ctx) if splits.val else None
+        scheduler.step()
+        entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train": train, "val": val,
+                 "seconds": time.perf_counter() - started}
+        history.append(entry)
+        improved = _better(val, best)
+        if improved:
+            best = {"epoch": epoch + 1, "val": val}
+        if ctx.is_main:
+            meta = {**config, "epoch": epoch + 1, "val": val}
+            ckpt_io.save_model_checkpoint(out / ckpt_io.LAST, model, class_names=names, config=meta)
+            if improved:
+                ckpt_io.save_model_checkpoint(out / ckpt_io.BEST, model, class_names=names, config=meta)
+            ckpt_io.save_resume(out / ckpt_io.RESUME, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history, "best": best,
+                "config": cfg.plain(), "world_size": ctx.world_size})
+            ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": None})
+            if progress:
+                _report(entry, cfg.epochs)
+        barrier(ctx)
+
+    digest = ckpt_io.state_digest(model)
+    test = None
+    if splits.test and best["epoch"] is not None:
+        chosen = broadcast_object(
+            torch.load(out / ckpt_io.BEST, map_location="cpu", weights_only=True) if ctx.is_main else None, ctx)
+        model.backbone.load_state_dict(chosen["model"])
+        model.head.load_state_dict(chosen["head"])
+        test = _evaluate(model, _eval_loader(splits.test, clips, cfg, ctx), cfg, ctx)
+        if ctx.is_main:
+            ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": test})
+            if progress:
+                print(f"test ({len(splits.test)} videos, best epoch {best['epoch']}): "
+                      f"accuracy {test['accuracy']:.4f}", file=sys.stderr)
+    return {"out": str(out), "epochs": len(history), "best_epoch": best["epoch"], "best_val": best["val"],
+            "test": test, "history": history, "checkpoint": str(out / ckpt_io.BEST), "state_sha256": digest}
+
+
+def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
+    """Rank 0: a fresh start (writing config.json) or the resume state; errors are returned so that
+    every rank can raise them."""
+    resume = out / ckpt_io.RESUME
+    fresh = {"epoch": 0, "history": [], "best": {"epoch": None, "val": None}}
+    if not cfg.resume:
+        if resume.exists():
+            return {"error": f"{out} already holds a run; pass --resume to continue it or choose another --out"}
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.write_json(out / ckpt_io.CONFIG, cfg.plain())
+        return fresh
+    try:
+        state = ckpt_io.load_resume(resume)
+    except ValueError as err:
+        return {"error": str(err)}
+    now, then = cfg.plain(), state["config"]
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        return {"error": f"{out} was run with other settings ({', '.join(changed)} differ); resume with the "
+                         "same options (only --epochs, --workers and --device may change)"}
+    if state["world_size"] != ctx.world_size:
+        print(f"note: {out} ran on {state['world_size']} processes, now {ctx.world_size}: the sample "
+              "order changes from here on", file=sys.stderr)
+    if state["epoch"] >= cfg.epochs:
+        print(f"note: {out} already finished {state['epoch']} epochs (--epochs {cfg.epochs})", file=sys.stderr)
+    return state
+
+
+def _loader(dataset, sampler, cfg: FinetuneConfig, ctx: Context):
+    workers = cfg.workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+        multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
+        worker_init_fn=data.worker_init if workers else None, pin_memory=ctx.device.type == "cuda",
+        prefetch_factor=2 if workers else None)
+
+
+def _autocast(cfg: FinetuneConfig, ctx: Context):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda" and cfg.amp)
+
+
+def _inputs(batch: dict, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (batch["x"].to(ctx.device, non_blocking=True), batch["t"].to(ctx.device, non_blocking=True),
+            batch["label"].to(ctx.device, non_blocking=True))
+
+
+def train_step(net, model: VideoModel, x, t, y, optimizer, cfg: FinetuneConfig, ctx: Context) -> tuple[float, int]:
+    """One SGD step on a batch (B videos); returns (summed loss, correct predictions)."""
+    with _autocast(cfg, ctx):
+        out = net(x, t)
+    loss = F.cross_entropy(out.logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+    optimizer.step()
+    return loss.item() * len(y), int((out.logits.argmax(1) == y).sum())
+
+
+def _train_epoch(net, model, loader, optimizer, cfg, ctx, progress: bool, epoch: int) -> dict:
+    from tqdm import tqdm
+
+    net.train()
+    totals = np.zeros(3)  # loss sum, correct, videos
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+               disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    started = time.perf_counter()
+    for batch in bar:
+        x, t, y = _inputs(batch, ctx)
+        loss, correct = train_step(net, model, x, t, y, optimizer, cfg, ctx)
+        totals += (loss, correct, len(y))
+        rate = totals[2] * cfg.num_segments / (time.perf_counter() - started)
+        bar.set_postfix_str(f"loss {totals[0] / totals[2]:.4f}, {rate:.1f} images/s")
+    loss, correct, videos = all_sum(totals.tolist(), ctx)
+    seconds = time.perf_counter() - started
+    return {"loss": loss / videos, "accuracy": correct / videos, "videos": int(videos),
+            "images_per_s": videos * cfg.num_segments / max(seconds, 1e-9)}
+
+
+def _eval_loader(records: list, clips: dict, cfg: FinetuneConfig, ctx: Context):
+    """Centred segments and centre crops of `records`; rank r takes every world_size-th video from r."""
+    keys = [(0, i) for i in range(ctx.rank, len(records), ctx.world_size)]
+    return _loader(data.ClipDataset(records, train=False, **clips), keys, cfg, ctx)
+
+
+@torch.inference_mode()
+def _evaluate(model: VideoModel, loader, cfg: FinetuneConfig, ctx: Context) -> dict:
+    """Loss and accuracy of `model` over the loader's videos of all ranks."""
+    model.eval()
+    totals = np.zeros(3)  # loss sum, correct, videos
+    for batch in loader:
+        x, t, y = _inputs(batch, ctx)
+        with _autocast(cfg, ctx):
+            logits = model(x, t).logits.float()
+        totals += (F.cross_entropy(logits, y, reduction="sum").item(), int((logits.argmax(1) == y).sum()), len(y))
+    loss, correct, videos = all_sum(totals.tolist(), ctx)
+    return {"loss": loss / videos, "accuracy": correct / videos, "videos": int(videos)}
+
+
+def _better(val: dict | None, best: dict) -> bool:
+    """Higher validation accuracy, ties to the lower loss; without validation every epoch is."""
+    if val is None or best["val"] is None:
+        return True
+    old = best["val"]
+    return (val["accuracy"], -val["loss"]) > (old["accuracy"], -old["loss"])
+
+
+def _report(entry: dict, epochs: int) -> None:
+    train, val = entry["train"], entry["val"]
+    line = (f"epoch {entry['epoch']}/{epochs}: train loss {train['loss']:.4f} acc {train['accuracy']:.4f}, "
+            f"{train['images_per_s']:.1f} images/s")
+    if val is not None:
+        line += f"; val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+    print(line + f" ({entry['seconds']:.1f}s)", file=sys.stderr)
+
+
+def config_from_json(path: str | Path) -> FinetuneConfig:
+    """A FinetuneConfig from a `config.json` (lists become the tuples the fields hold)."""
+    values = json.loads(Path(path).read_text())
+    tuples = ("sources", "head_options", "lr_steps")
+    return FinetuneConfig(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
