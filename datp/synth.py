@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 import datp
+from datp.io.atomic import atomic_path
 
 # (class name, motion, RGB colour). Colours are bright (luma 170-215) on a dark background (luma
 # about 60), so the shapes stand out in the grayscale frames that optical flow sees, and differ in hue
@@ -112,11 +112,13 @@ class SynthConfig:
         check(0 < self.confuser_strength <= 1,
               f"confuser_strength={self.confuser_strength}: use 0 < s <= 1")
         check(self.max_events >= 1, f"max_events={self.max_events}: use 1 or more")
-        low, high = self.untrimmed_duration_s
-        # Room for max_events events, each followed by a gap as long as an event.
-        need = 2 * self.max_events * self.event_frames / self.fps
-        check(need <= low <= high, f"untrimmed_duration_s={self.untrimmed_duration_s}: need "
-              f"{need:g} <= min <= max to fit {self.max_events} events of {self.event_frames} frames")
+        if self.untrimmed:
+            low, high = self.untrimmed_duration_s
+            # Room for max_events events, each followed by a gap as long as an event.
+            need = 2 * self.max_events * self.event_frames / self.fps
+            check(need <= low <= high, f"untrimmed_duration_s={self.untrimmed_duration_s}: need "
+                  f"{need:g} <= min <= max to fit {self.max_events} events of {self.event_frames} "
+                  "frames; lengthen the videos or lower max_events")
 
     @property
     def event_frames(self) -> int:
@@ -342,7 +344,7 @@ def generate(cfg: SynthConfig, out_dir: Path, *, progress: bool = True) -> Path:
             changed = sorted(k for k in record.keys() | found.keys() if record.get(k) != found.get(k))
             raise ValueError(f"{out_dir} holds a synthetic set made with a different config "
                              f"(differs in {', '.join(changed)}); choose another folder or delete it")
-        if _is_complete(out_dir):
+        if _is_complete(out_dir, cfg):
             return out_dir
         marker.unlink()  # incomplete: regenerate
 
@@ -393,15 +395,14 @@ def write_video(path: Path, frames: np.ndarray, *, fps: int) -> None:
     import av
 
     T, H, W, _ = frames.shape
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with av.open(str(tmp), "w", format="matroska", options={"fflags": "+bitexact"}) as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="matroska",
+                                           options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("ffv1", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "bgr0"
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-    os.replace(tmp, path)  # a killed run never leaves a half-written video under the real name
 
 
 def _config_record(cfg: SynthConfig) -> dict:
@@ -409,8 +410,9 @@ def _config_record(cfg: SynthConfig) -> dict:
     return json.loads(json.dumps({**asdict(cfg), "datp_version": datp.__version__}))
 
 
-def _is_complete(out_dir: Path) -> bool:
+def _is_complete(out_dir: Path, cfg: SynthConfig) -> bool:
     names = ["manifest.csv", "classes.txt", "train.txt", "test.txt", "events.json"]
+    names += ["ground_truth.json"] if cfg.untrimmed else []
     if not all((out_dir / name).is_file() for name in names):
         return False
     with (out_dir / "manifest.csv").open(newline="") as f:
@@ -419,4 +421,5 @@ def _is_complete(out_dir: Path) -> bool:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8", newline="\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")

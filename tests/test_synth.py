@@ -288,7 +288,7 @@ def test_confuser_is_a_weaker_motion_of_another_class(label):
     (dict(num_classes=9), "num_classes"), (dict(size=16), "size"), (dict(fps=7.5), "fps"),
     (dict(event_fraction=0.0), "event_fraction"), (dict(duration_s=0.5), "event lasts"),
     (dict(confuser_strength=0.0), "confuser_strength"),
-    (dict(untrimmed_duration_s=(1.0, 2.0)), "untrimmed_duration_s"),
+    (dict(untrimmed=True, untrimmed_duration_s=(1.0, 2.0)), "untrimmed_duration_s"),
 ])
 def test_bad_config_names_the_value(change, field):
     with pytest.raises(ValueError, match=field):
