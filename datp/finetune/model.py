@@ -93,7 +93,7 @@ def uses_backbone_logits(name: str, kwargs: dict) -> bool:
 
 
 def build_model(cfg, num_classes: int) -> tuple[VideoModel, dict, dict]:
-    """The model of a FinetuneConfig: seeded backbone, `cfg.weights` loaded, head, BN freezing.
+    """The model of a FinetuneConfig: seeded backbone, `cfg.weights` loaded, seeded head, BN freezing.
 
     Returns:
         (model, every argument of the head's constructor (defaults included; plain values, so the
@@ -106,7 +106,9 @@ def build_model(cfg, num_classes: int) -> tuple[VideoModel, dict, dict]:
     kwargs = head_kwargs(cfg.head, num_classes=num_classes, num_segments=cfg.num_segments,
                          in_channels=backbone.feature_channels, stream=cfg.stream, options=cfg.head_kwargs())
     try:
-        head = build_head(cfg.head, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # seeded like the backbone: same head in every process
+            torch.manual_seed(cfg.seed)
+            head = build_head(cfg.head, **kwargs)
     except TypeError as err:  # an option the head's constructor does not take
         raise ValueError(f"head {cfg.head!r} does not accept these options ({err}); check --head-option") from None
     # Record every constructor argument, defaults included, so the head rebuilds the same later.

@@ -175,12 +175,16 @@ def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
 
 
 def _loader(dataset, sampler, cfg: FinetuneConfig, ctx: Context):
+    """Batches of `dataset` in `sampler`'s order, decoded by `cfg.workers` spawned, persistent
+    workers. The loader gets its own generator: by default each new iterator draws a worker seed
+    from the global RNG, which would shift dropout masks between a resumed and an uninterrupted
+    run (samples never use worker seeds)."""
     workers = cfg.workers
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
         worker_init_fn=data.worker_init if workers else None, pin_memory=ctx.device.type == "cuda",
-        prefetch_factor=2 if workers else None)
+        prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def _autocast(cfg: FinetuneConfig, ctx: Context):

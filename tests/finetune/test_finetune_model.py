@@ -144,3 +144,15 @@ def test_lr_schedules_and_config_errors(tmp_path):
                           ).head_kwargs() == {"num_gaussians": 3, "input": "softmax"}
     with pytest.raises(ValueError, match="does not accept"):
         build_model(_cfg(tmp_path, head="avg", head_options=("num_gaussians=3",)), 2)
+
+
+def test_the_model_is_seeded_whatever_the_global_rng(tmp_path):
+    """Every process (and a resumed run) must start from the same weights, head included."""
+    cfg = _cfg(tmp_path, head="datp", head_options=("input=softmax",))
+    torch.manual_seed(1)
+    a = build_model(cfg, 2)[0].state_dict()
+    torch.manual_seed(2)
+    b = build_model(cfg, 2)[0].state_dict()
+    c = build_model(_cfg(tmp_path, head="datp", head_options=("input=softmax",), seed=1), 2)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["head.aux.fc.weight"], c["head.aux.fc.weight"])
