@@ -52,7 +52,7 @@ class FinetuneConfig:
             "all" or "none".
         conv1_lr_mult: learning-rate multiplier of conv1 (TSN's flow nets use a larger one).
         head_lr_mult: learning-rate multiplier of the head's parameters.
-        clip_grad: max gradient L2 norm, or None.
+        clip_grad: max gradient L2 norm; 0 or None: no clipping.
         amp: bf16 autocast on GPU (ignored on CPU).
         channels_last: channels_last memory format on GPU (ignored on CPU).
         workers: DataLoader worker processes (spawned) per process for decoding.
@@ -120,8 +120,10 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout {self.dropout} must be in [0, 1)")
-        if self.lr <= 0 or self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"lr {self.lr} and clip_grad {self.clip_grad} must be > 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr {self.lr} must be > 0")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ValueError(f"clip_grad {self.clip_grad} must be > 0 (0 or None: no clipping)")
         if self.workers < 0:
             raise ValueError(f"workers {self.workers} must be >= 0")
         if list(self.lr_steps) != sorted(self.lr_steps):
@@ -144,6 +146,14 @@ class FinetuneConfig:
     def plain(self) -> dict:
         """`asdict(self)` with tuples as lists: JSON- and `weights_only`-safe."""
         return json.loads(json.dumps(asdict(self)))
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """"30,60" -> (30, 60) (for --lr-steps); "" -> ()."""
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{text!r} must be comma-separated integers, e.g. 30,60") from None
 
 
 def lr_factor(epoch: int, cfg: FinetuneConfig) -> float:

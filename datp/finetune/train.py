@@ -57,18 +57,8 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
 
 
 def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
-    from datp.io.datasets import load_dataset
-
-    dataset = load_dataset(list(cfg.sources), root=cfg.root, split=cfg.split)
-    missing = dataset.missing()
-    if missing:
-        raise ValueError(f"{missing[0].origin}: video {missing[0].path} not found ({len(missing)} of "
-                         f"{len(dataset.records)} missing); check --root")
-    splits = data.split_dataset(dataset, train_split=cfg.train_split, test_split=cfg.test_split,
-                                val_fraction=cfg.val_fraction, seed=cfg.seed)
-    names = data.class_names(dataset, splits)
-    pairs = data.flow_counts(splits.train + splits.val + splits.test, cfg.flows) if cfg.flows else {}
-    model, head_kwargs, _ = build_model(cfg, len(names))
+    splits, names, pairs = _data(cfg)
+    model, head_kwargs, weights = build_model(cfg, len(names))
     if ctx.device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
         model.memory_format = torch.channels_last
@@ -99,7 +89,8 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
     sampler = data.EpochSampler(len(splits.train), seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     train_loader = _loader(data.ClipDataset(splits.train, train=True, **clips), sampler, cfg, ctx)
     val_loader = _eval_loader(splits.val, clips, cfg, ctx)
-    config = {**cfg.plain(), "head_kwargs": head_kwargs, "class_names": names, "world_size": ctx.world_size}
+    config = {**cfg.plain(), "head_kwargs": head_kwargs, "class_names": names, "world_size": ctx.world_size,
+              "init_weights": weights["weights"], "init_sha256": weights["sha256"]}
 
     for epoch in range(state["epoch"], cfg.epochs):
         torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, ctx.rank, 2]).integers(2**62)))
@@ -109,9 +100,8 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
         broadcast_buffers(model, ctx)
         val = _evaluate(model, val_loader, cfg, ctx) if splits.val else None
         scheduler.step()
-        entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train": train, "val": val,
-                 "seconds": time.perf_counter() - started}
-        history.append(entry)
+        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train": train, "val": val,
+                        "seconds": time.perf_counter() - started})
         improved = _better(val, best)
         if improved:
             best = {"epoch": epoch + 1, "val": val}
@@ -126,24 +116,42 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
                 "config": cfg.plain(), "world_size": ctx.world_size})
             ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": None})
             if progress:
-                _report(entry, cfg.epochs)
+                _report(history[-1], cfg.epochs)
         barrier(ctx)
 
-    digest = ckpt_io.state_digest(model)
-    test = None
-    if splits.test and best["epoch"] is not None:
-        chosen = broadcast_object(
-            torch.load(out / ckpt_io.BEST, map_location="cpu", weights_only=True) if ctx.is_main else None, ctx)
-        model.backbone.load_state_dict(chosen["model"])
-        model.head.load_state_dict(chosen["head"])
-        test = _evaluate(model, _eval_loader(splits.test, clips, cfg, ctx), cfg, ctx)
-        if ctx.is_main:
-            ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": test})
-            if progress:
-                print(f"test ({len(splits.test)} videos, best epoch {best['epoch']}): "
-                      f"accuracy {test['accuracy']:.4f}", file=sys.stderr)
+    digest = ckpt_io.state_digest(model)  # before the best weights are loaded for the test
+    test = _test_best(model, out, splits.test, clips, cfg, ctx) if splits.test else None
+    if ctx.is_main:
+        ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": test})
+        if progress:
+            _summary(out, best, test)
     return {"out": str(out), "epochs": len(history), "best_epoch": best["epoch"], "best_val": best["val"],
             "test": test, "history": history, "checkpoint": str(out / ckpt_io.BEST), "state_sha256": digest}
+
+
+def _data(cfg: FinetuneConfig) -> tuple[data.Splits, list[str], dict[str, int]]:
+    """The splits, the class names, and the flow pair count of every video (when flows are given)."""
+    from datp.io.datasets import load_dataset
+
+    dataset = load_dataset(list(cfg.sources), root=cfg.root, split=cfg.split)
+    missing = dataset.missing()
+    if missing:
+        raise ValueError(f"{missing[0].origin}: video {missing[0].path} not found ({len(missing)} of "
+                         f"{len(dataset.records)} missing); check --root")
+    splits = data.split_dataset(dataset, train_split=cfg.train_split, test_split=cfg.test_split,
+                                val_fraction=cfg.val_fraction, seed=cfg.seed)
+    pairs = data.flow_counts(splits.train + splits.val + splits.test, cfg.flows) if cfg.flows else {}
+    return splits, data.class_names(dataset, splits), pairs
+
+
+def _test_best(model: VideoModel, out: Path, records: list, clips: dict, cfg: FinetuneConfig,
+               ctx: Context) -> dict:
+    """Load best.pt (read by rank 0, sent to all) into `model` and evaluate it on `records`."""
+    chosen = broadcast_object(
+        torch.load(out / ckpt_io.BEST, map_location="cpu", weights_only=True) if ctx.is_main else None, ctx)
+    model.backbone.load_state_dict(chosen["model"])
+    model.head.load_state_dict(chosen["head"])
+    return _evaluate(model, _eval_loader(records, clips, cfg, ctx), cfg, ctx)
 
 
 def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
@@ -203,7 +211,7 @@ def train_step(net, model: VideoModel, x, t, y, optimizer, cfg: FinetuneConfig, 
     loss = F.cross_entropy(out.logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.clip_grad is not None:
+    if cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
     optimizer.step()
     return loss.item() * len(y), int((out.logits.argmax(1) == y).sum())
@@ -264,6 +272,15 @@ def _report(entry: dict, epochs: int) -> None:
     if val is not None:
         line += f"; val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
     print(line + f" ({entry['seconds']:.1f}s)", file=sys.stderr)
+
+
+def _summary(out: Path, best: dict, test: dict | None) -> None:
+    line = f"finetune: best epoch {best['epoch']}"
+    if best["val"] is not None:
+        line += f" (val accuracy {best['val']['accuracy']:.4f})"
+    if test is not None:
+        line += f"; test accuracy {test['accuracy']:.4f} on {test['videos']} videos"
+    print(f"{line}\n{out / ckpt_io.BEST} loads in datp extract-features --weights", file=sys.stderr)
 
 
 def config_from_json(path: str | Path) -> FinetuneConfig:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datp.finetune.config import FinetuneConfig, lr_factor
+from datp.finetune.config import FinetuneConfig, lr_factor, parse_ints
 from datp.finetune.model import build_model, param_groups
 from datp.pool.heads import HEADS
 from ft_fixtures import tiny
@@ -142,6 +142,11 @@ def test_lr_schedules_and_config_errors(tmp_path):
         FinetuneConfig(sources=("a",), out="b", head_options=("oops",))
     assert FinetuneConfig(sources=("a",), out="b", head_options=("num_gaussians=3", "input=softmax")
                           ).head_kwargs() == {"num_gaussians": 3, "input": "softmax"}
+    assert parse_ints("30, 60") == (30, 60) and parse_ints("") == ()
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        parse_ints("30;60")
+    with pytest.raises(ValueError, match="lr_steps"):
+        FinetuneConfig(sources=("a",), out="b", lr_steps=(60, 30))
     with pytest.raises(ValueError, match="does not accept"):
         build_model(_cfg(tmp_path, head="avg", head_options=("num_gaussians=3",)), 2)
 
@@ -156,3 +161,25 @@ def test_the_model_is_seeded_whatever_the_global_rng(tmp_path):
     c = build_model(_cfg(tmp_path, head="datp", head_options=("input=softmax",), seed=1), 2)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["head.aux.fc.weight"], c["head.aux.fc.weight"])
+
+
+@pytest.mark.parametrize("name", ["avg", "datp", "lstm-attn"])
+def test_bf16_autocast_and_channels_last_run_every_head_close_to_fp32(tmp_path, name):
+    """The GPU path (bf16 autocast, channels_last), exercised with CPU autocast where no GPU is lent."""
+    cfg = _cfg(tmp_path, head=name, head_options=SMALL_OPTIONS.get(name, ()), dropout=0.0)
+    model, _, _ = build_model(cfg, 2)
+    model.eval()
+    x, t = torch.randn(2, 3, 3, 56, 56), torch.tensor([[0.2, 0.5, 0.8]] * 2)
+    with torch.no_grad():
+        fp32 = model(x, t).logits
+    model.to(memory_format=torch.channels_last)
+    model.memory_format = torch.channels_last
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t)
+    F.cross_entropy(out.logits.float(), torch.tensor([0, 1])).backward()
+    assert model.backbone.conv1.weight.grad.isfinite().all()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t).logits.float()
+    _close(low, fp32, atol=0.1 * fp32.abs().max().item())  # bf16: 8 mantissa bits, 20 layers
