@@ -1,0 +1,307 @@
+"""Deep Adaptive Temporal Pooling (Song, Cheung, Chandrasekhar, Mandal, ACM MM 2018).
+
+An auxiliary ConvNet looks at the whole segment sequence and regresses the parameters of per-segment
+weights w_i; the video score pools the per-segment class scores I_i with them:
+
+    w_i = sum_k rho_k / sqrt(2 pi sigma_k^2) * exp(-(t_i - mu_k)^2 / (2 sigma_k^2))     (Eq. 1)
+    S   = sum_i w_i I_i / ||w||_2                                                        (Eq. 3)
+
+then cross-entropy on S. The paper's Eq. 1 writes sqrt(2 pi sigma_k); a Gaussian density needs
+sigma_k^2, which we use. The gradients (the paper's Eq. 2 and Eq. 4) are what autograd computes;
+`tests/pool/test_datp_head.py` checks them against the closed forms.
+
+Choices the paper leaves open, made here:
+- Constraints on the regressed r = (r_rho, r_mu, r_sigma):
+  rho = softmax_k(r_rho), so rho_k >= 0 and sum_k rho_k = 1 (S does not change when all rho_k are
+  scaled together, so fixing their sum removes a useless degree of freedom);
+  mu = sigmoid(r_mu), in (0, 1) like the segment times;
+  sigma = min_sigma + softplus(r_sigma) > min_sigma (0.01 by default, a quarter of the spacing of
+  25 segments: narrower Gaussians change nothing but starve the gradients).
+  Unconstrained mu and an exp(r_sigma) were tried first: under Adam the regressed values ran off
+  to mu = -25, sigma = 1e-11 within ten steps on a synthetic problem, and the weights became NaN.
+- Initialisation: the regression layer (the second fc) starts with zero weights and a bias giving
+  rho_k = 1/K, mu_k = k/(K+1) for k = 1..K and sigma_k^2 = 0.2, whatever the input.
+- Stability: w is computed in log space (log-sum-exp over the Gaussians) and rescaled by its
+  largest entry before Eq. 3; S is invariant to the scale of w, so this is exact and keeps narrow
+  Gaussians far from every segment from underflowing to all-zero weights.
+- `discrete` generator: the fc regresses one weight per segment slot, w_i = exp(r_i) > 0 (equal
+  weights at the start).
+- The fc layers read the flattened (32 x num_segments) temporal features, so the head is built for
+  at most `num_segments` slots; shorter inputs are padded with masked slots at the end, and padded
+  slots are zeroed after every layer so they carry nothing into the fc.
+- I_i are the segment logits by default (`pooled_scores="logits"`, as TSN's consensus pools
+  pre-softmax scores); "probs" pools softmax probabilities, which bounds S_c by sqrt(N) and makes the
+  cross-entropy on S weak, so it is offered for comparison only.
+- The softmax input of the auxiliary net is softmax(I_i), not detached: with a linear segment
+  classifier, the auxiliary net's gradient also reaches it (end-to-end, as in the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datp.pool.segment_scores import (
+    HeadOutput,
+    SegmentBatch,
+    SegmentScores,
+    resolve_mask,
+    resolve_times,
+    zero_empty_rows,
+)
+
+GENERATORS = ("mog", "discrete")
+DATP_INPUTS = ("conv", "softmax")
+POOLED_SCORES = ("logits", "probs")
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class MixtureParams(NamedTuple):
+    """Regressed mixture of Gaussians, each (B, K): weights rho >= 0, means mu, std sigma > 0."""
+
+    rho: Tensor
+    mu: Tensor
+    sigma: Tensor
+
+
+def mog_log_weights(t: Tensor, log_rho: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+    """log w_i of Eq. 1, computed with log-sum-exp over the Gaussians.
+
+    Args:
+        t: (B, N) segment times.
+        log_rho, mu, log_sigma: (B, K) each.
+
+    Returns:
+        (B, N) log w.
+    """
+    d = t[:, :, None] - mu[:, None, :]  # (B, N, K)
+    log_g = -LOG_SQRT_2PI - log_sigma[:, None, :] - d**2 / (2.0 * torch.exp(2.0 * log_sigma[:, None, :]))
+    return torch.logsumexp(log_rho[:, None, :] + log_g, dim=2)
+
+
+def mog_weights(t: Tensor, rho: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    """w_i of Eq. 1: a mixture of K Gaussian densities evaluated at the segment times.
+
+    Args:
+        t: (B, N) segment times.
+        rho, mu, sigma: (B, K) each, rho >= 0 and sigma > 0.
+
+    Returns:
+        (B, N) weights.
+    """
+    return torch.exp(mog_log_weights(t, torch.log(rho), mu, torch.log(sigma)))
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def l2_pool(scores: Tensor, w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 3: S = sum_i w_i I_i / ||w||_2 over the real segments.
+
+    Args:
+        scores: (B, N, C) per-segment class scores I.
+        w: (B, N) non-negative weights; masked entries are ignored (taken as 0).
+        mask: (B, N) bool.
+
+    Returns:
+        S (B, C), and w / ||w||_2 (B, N) (unit L2 norm over the real segments; zero on an all-masked
+        row, whose S is zero too).
+    """
+    w = w.masked_fill(~mask, 0.0)
+    scores = scores.masked_fill(~mask[..., None], 0.0)
+    norm = torch.sqrt((w * w).sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
+    weights = w / norm
+    return torch.einsum("bn,bnc->bc", weights, scores), weights
+
+
+def l2_pool_log(scores: Tensor, log_w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 3 from log-weights: `l2_pool(scores, exp(log_w), mask)`, computed without underflow.
+
+    S does not change when w is scaled, so w is divided by its largest real entry before the exp
+    (the maximum is detached: it cancels in S, so no gradient flows through it).
+
+    Args:
+        scores: (B, N, C) per-segment class scores I.
+        log_w: (B, N) log-weights; masked entries are ignored.
+        mask: (B, N) bool.
+
+    Returns:
+        S (B, C) and w / ||w||_2 (B, N), as `l2_pool`.
+    """
+    log_w = log_w.masked_fill(~mask, torch.finfo(log_w.dtype).min)
+    w = torch.exp(log_w - log_w.amax(dim=1, keepdim=True).detach())  # largest real w_i is 1
+    return l2_pool(scores, w, mask)
+
+
+class AuxNet(nn.Module):
+    """The auxiliary ConvNet that regresses the weight generator's parameters.
+
+    conv input (B, N, Cf, H, W): a 7x7 conv to 64 channels + ReLU per segment (maps larger than 7x7
+    are averaged over the remaining positions), then the temporal part. softmax input (B, N, C):
+    the temporal part directly. Temporal part: two convs over segments (kernel 3, zero padding) to
+    32 channels + ReLU, fc to `hidden` + ReLU, fc (the regression layer) to `out_features`.
+
+    Args:
+        in_channels: Cf (conv input) or C (softmax input).
+        num_segments: segment slots the fc layers read.
+        out_features: number of regressed parameters.
+        input: "conv" or "softmax".
+        hidden: width of the first fc layer.
+    """
+
+    def __init__(self, *, in_channels: int, num_segments: int, out_features: int, input: str, hidden: int):
+        super().__init__()
+        self.num_segments = num_segments
+        self.spatial = nn.Conv2d(in_channels, 64, kernel_size=7) if input == "conv" else None
+        width = 64 if input == "conv" else in_channels
+        self.temporal = nn.ModuleList([nn.Conv1d(width, 32, 3, padding=1), nn.Conv1d(32, 32, 3, padding=1)])
+        self.fc = nn.Linear(32 * num_segments, hidden)
+        self.regress = nn.Linear(hidden, out_features)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Regresses parameters from a segment sequence.
+
+        Args:
+            x: (B, N, Cf, H, W) conv maps or (B, N, C) probabilities, N <= num_segments.
+            mask: (B, N) bool.
+
+        Returns:
+            (B, out_features).
+        """
+        B, N = mask.shape
+        if self.spatial is not None:
+            if x.dim() != 5 or x.shape[-1] < 7 or x.shape[-2] < 7:
+                raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>=7, W>=7) conv maps, got "
+                                 f"shape {tuple(x.shape)}; store unpooled conv features or use input='softmax'")
+            x = x.masked_fill(~mask[..., None, None, None], 0.0)
+            h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-6, W-6)
+            x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
+        h = x.masked_fill(~mask[..., None], 0.0).transpose(1, 2)  # (B, width, N)
+        slots = F.pad(mask, (0, self.num_segments - N), value=False)  # (B, S)
+        h = F.pad(h, (0, self.num_segments - N))  # (B, width, S): short inputs fill the first slots
+        for conv in self.temporal:
+            h = F.relu(conv(h)).masked_fill(~slots[:, None, :], 0.0)  # padded slots carry nothing
+        return self.regress(F.relu(self.fc(h.flatten(1))))
+
+
+class DATPHead(nn.Module):
+    """Deep Adaptive Temporal Pooling head (see the module docstring for the equations and choices).
+
+    Weights are w / ||w||_2: unit L2 norm over the real segments, so S = sum_i weights_i I_i.
+
+    Args:
+        num_classes: C.
+        num_segments: segment slots per video (the fc layers read this many; `discrete` regresses
+            this many weights).
+        in_channels: Cf of the conv features.
+        input: what the auxiliary net reads: "conv" maps or "softmax" of the segment scores.
+        generator: "mog" (mixture of Gaussians over time) or "discrete" (one weight per slot).
+        num_gaussians: K for "mog".
+        pooled_scores: I_i are segment "logits" (default) or "probs".
+        score_source: segment scores from "cached" logits or a "linear" classifier on conv features.
+        hidden: width of the auxiliary net's first fc layer.
+        dropout: dropout before the linear segment classifier.
+        init_variance: sigma_k^2 at initialisation (the paper's 0.2).
+        min_sigma: lower bound of sigma_k.
+    """
+
+    uses_scores = True
+    # Adam moves every weight by about lr per step whatever its gradient, and the auxiliary net's
+    # fan-in (Cf*7*7 into the 7x7 conv) turns that into large jumps of the regressed parameters: at
+    # the classifiers' lr = 1e-2 the Gaussians collapse to one edge within 20 steps and never recover
+    # on the key-moment problem. A 10x smaller step for the auxiliary net avoids this (see
+    # `heads.param_groups`).
+    lr_scales = {"aux.": 0.1}
+
+    def __init__(self, *, num_classes: int, num_segments: int, in_channels: int = 512, input: str = "conv",
+                 generator: str = "mog", num_gaussians: int = 2, pooled_scores: str = "logits",
+                 score_source: str = "linear", hidden: int = 128, dropout: float = 0.0,
+                 init_variance: float = 0.2, min_sigma: float = 0.01):
+        super().__init__()
+        for name, value, choices in (("input", input, DATP_INPUTS), ("generator", generator, GENERATORS),
+                                     ("pooled_scores", pooled_scores, POOLED_SCORES)):
+            if value not in choices:
+                raise ValueError(f"unknown datp {name} {value!r}; choose from {list(choices)}")
+        for name, value in (("num_segments", num_segments), ("num_gaussians", num_gaussians)):
+            if value < 1:
+                raise ValueError(f"datp {name} must be >= 1, got {value}")
+        if not 0 < min_sigma < math.sqrt(init_variance):
+            raise ValueError(f"datp needs 0 < min_sigma < sqrt(init_variance), got min_sigma={min_sigma}, "
+                             f"init_variance={init_variance}")
+        self.min_sigma = min_sigma
+        self.num_segments = num_segments
+        self.input = input
+        self.generator = generator
+        self.num_gaussians = num_gaussians
+        self.pooled_scores = pooled_scores
+        self.scores = SegmentScores(source=score_source, num_classes=num_classes,
+                                    in_channels=in_channels, dropout=dropout)
+        K = num_gaussians
+        self.aux = AuxNet(in_channels=in_channels if input == "conv" else num_classes,
+                          num_segments=num_segments, out_features=3 * K if generator == "mog" else num_segments,
+                          input=input, hidden=hidden)
+        # Start from the same weights for every input, as spatial transformers start at identity.
+        nn.init.zeros_(self.aux.regress.weight)
+        with torch.no_grad():
+            bias = self.aux.regress.bias
+            bias.zero_()  # discrete: equal weights; mog: rho_k = 1/K
+            if generator == "mog":
+                mu = torch.arange(1, K + 1, dtype=torch.float64) / (K + 1)
+                bias[K:2 * K] = torch.log(mu / (1 - mu))  # sigmoid^-1
+                bias[2 * K:] = _inverse_softplus(math.sqrt(init_variance) - min_sigma)
+
+    def _segment_scores(self, x: SegmentBatch, mask: Tensor) -> Tensor:
+        B, N = mask.shape
+        if N > self.num_segments:
+            raise ValueError(f"datp head was built for num_segments={self.num_segments} but got {N} "
+                             f"segments; build it with num_segments={N} or sample fewer segments")
+        return self.scores(x, mask)
+
+    def _regress(self, x: SegmentBatch, mask: Tensor, scores: Tensor) -> Tensor:
+        if self.input == "conv":
+            if x.conv is None:
+                raise ValueError("datp with input='conv' needs SegmentBatch.conv but it is None; use input='softmax'")
+            return self.aux(x.conv, mask)
+        return self.aux(torch.softmax(scores, dim=-1), mask)
+
+    def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 3K) regressed values -> log rho, mu, log sigma, each (B, K)."""
+        K = self.num_gaussians
+        sigma = self.min_sigma + F.softplus(raw[:, 2 * K:])
+        return torch.log_softmax(raw[:, :K], dim=1), torch.sigmoid(raw[:, K:2 * K]), torch.log(sigma)
+
+    def mixture_params(self, x: SegmentBatch, mask: Tensor | None = None) -> MixtureParams:
+        """The regressed rho, mu, sigma (each (B, K)) of the `mog` generator, for tests and plots."""
+        if self.generator != "mog":
+            raise ValueError(f"mixture_params needs generator='mog', this head has {self.generator!r}")
+        mask = resolve_mask(x, mask)
+        log_rho, mu, log_sigma = self._split(self._regress(x, mask, self._segment_scores(x, mask)))
+        return MixtureParams(torch.exp(log_rho), mu, torch.exp(log_sigma))
+
+    def forward(self, x: SegmentBatch, mask: Tensor | None = None) -> HeadOutput:
+        """Pools segment scores with regressed weights.
+
+        Args:
+            x: (B, N, ...) segment inputs: `conv` for input="conv" or score_source="linear",
+                `logits` for score_source="cached", `t` optional.
+            mask: (B, N) bool, True for a real segment; None uses `x.mask`.
+
+        Returns:
+            logits S (B, C) and weights w / ||w||_2 (B, N).
+        """
+        mask = resolve_mask(x, mask)
+        B, N = mask.shape
+        scores = self._segment_scores(x, mask)  # (B, N, C)
+        raw = self._regress(x, mask, scores)
+        if self.generator == "mog":
+            log_w = mog_log_weights(resolve_times(x, mask), *self._split(raw))  # (B, N)
+        else:
+            log_w = raw[:, :N]
+        pooled = scores if self.pooled_scores == "logits" else torch.softmax(scores, dim=-1)
+        logits, weights = l2_pool_log(pooled, log_w, mask)
+        return HeadOutput(zero_empty_rows(logits, mask), weights)
