@@ -86,6 +86,7 @@ def test_checkpoint_round_trip_and_run_folder(tmp_path):
     assert result["best_val"]["videos"] == 2  # 0.34 of 3 training videos per class
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     """2 epochs straight vs 1 epoch + resume; lr_steps=(1,) changes the lr between them, and the
     train/val/test metrics must agree too. The resumed part decodes in a spawned worker
