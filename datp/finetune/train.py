@@ -205,7 +205,17 @@ def _inputs(batch: dict, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def train_step(net, model: VideoModel, x, t, y, optimizer, cfg: FinetuneConfig, ctx: Context) -> tuple[float, int]:
-    """One SGD step on a batch (B videos); returns (summed loss, correct predictions)."""
+    """One SGD step on a batch of B videos (autocast bf16 on GPU when `cfg.amp`).
+
+    Args:
+        net: the model, or its DistributedDataParallel wrapper (which averages gradients).
+        model: the model itself (its parameters are clipped).
+        x: (B, N, C_in, S, S) segments; t: (B, N) segment times; y: (B,) labels.
+        optimizer, cfg, ctx: the optimizer, the run's config and process context.
+
+    Returns:
+        (loss summed over the batch, number of correct predictions).
+    """
     with _autocast(cfg, ctx):
         out = net(x, t)
     loss = F.cross_entropy(out.logits.float(), y)
