@@ -23,10 +23,12 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from datp.flows.store import StoreError
         from datp.io.datasets import DatasetError
+        from datp.io.decode import DecodeError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, DatasetError, StoreError, FileNotFoundError, KeyError) as err:
+        except (ValueError, DatasetError, StoreError, DecodeError, FileNotFoundError,
+                KeyError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             click.echo(f"datp: error: {message}", err=True)
             sys.exit(2)
@@ -195,6 +197,89 @@ def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams,
     dataset, missing = _dataset(sources, root, split, skip_missing)
     summary = extract_features(dataset, cfg, progress=not quiet, missing=missing)
     _finish(summary, Path(f"{shard_out(cfg.out, cfg.shard)}.failures.csv"), "extract-features")
+
+
+@main.command("finetune", epilog=SOURCE_HELP + " Several processes or machines: torchrun "
+              "--nproc-per-node K -m datp finetune ... (docs/finetune.md).")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run folder: config.json, last.pt, best.pt, resume.pt, metrics.json.")
+@click.option("--stream", type=click.Choice(["rgb", "flow"]), default="rgb", show_default=True)
+@click.option("--head", default="avg", show_default=True,
+              help="Pooling head: avg (TSN), max, datp, lstm-attn, self-attn, joint-attn.")
+@click.option("--head-option", "head_options", multiple=True, metavar="KEY=VALUE",
+              help="Head constructor option, repeatable (JSON values), e.g. input=softmax.")
+@click.option("--backbone", default="resnet34", show_default=True,
+              help="Any torchvision ResNet/ResNeXt/wide ResNet name.")
+@click.option("--weights", default="random", show_default=True,
+              help="A torchvision ImageNet state_dict file, a datp checkpoint, or 'random' (seeded).")
+@click.option("--segments", type=int, default=3, show_default=True, help="Segments per video (TSN).")
+@click.option("--new-length", type=int, default=5, show_default=True,
+              help="Flow pairs stacked per segment.")
+@click.option("--flows", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Flow store or jpg folder from extract-flow (needed for --stream flow).")
+@click.option("--root", type=click.Path(path_type=Path), default=None)
+@click.option("--split", type=int, default=1, show_default=True)
+@click.option("--train-split", default="train", show_default=True, help="Records to train on.")
+@click.option("--test-split", default="test", show_default=True,
+              help="Records evaluated with the best checkpoint at the end (never used for choices).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Share of each class's training videos held out to pick the best epoch "
+              "(unless the dataset has 'val' records).")
+@click.option("--short-side", type=int, default=256, show_default=True, help="RGB decode size.")
+@click.option("--resize", type=int, default=256, show_default=True, help="Short side before cropping.")
+@click.option("--input-size", type=int, default=224, show_default=True, help="Crop size.")
+@click.option("--multi-scale/--no-multi-scale", default=True, show_default=True,
+              help="TSN's multi-scale crop (else a plain random crop).")
+@click.option("--epochs", type=int, default=80, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Videos per process per step.")
+@click.option("--lr", type=float, default=0.001, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
+@click.option("--lr-steps", default="30,60", show_default=True, help="Epochs where step decay applies.")
+@click.option("--lr-gamma", type=float, default=0.1, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--dropout", type=float, default=0.8, show_default=True, help="Before the classifier.")
+@click.option("--bn-freeze", type=click.Choice(["partial", "all", "none"]), default="partial",
+              show_default=True, help="partial: TSN's partial BN (all but the first frozen).")
+@click.option("--conv1-lr-mult", type=float, default=1.0, show_default=True,
+              help="Learning-rate multiplier of conv1 (TSN's flow nets use a larger one).")
+@click.option("--head-lr-mult", type=float, default=1.0, show_default=True)
+@click.option("--clip-grad", type=float, default=20.0, show_default=True,
+              help="Max gradient norm (0: no clipping).")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on GPU.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="channels_last memory format on GPU.")
+@click.option("--workers", type=int, default=4, show_default=True, help="Decoding workers per process.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@user_errors
+def finetune_cmd(sources, out, stream, head, head_options, backbone, weights, segments, new_length,
+                 flows, root, split, train_split, test_split, val_fraction, short_side, resize,
+                 input_size, multi_scale, epochs, batch_size, lr, lr_schedule, lr_steps, lr_gamma,
+                 momentum, weight_decay, dropout, bn_freeze, conv1_lr_mult, head_lr_mult, clip_grad,
+                 amp, channels_last, workers, device, seed, resume, quiet):
+    """Train backbone + pooling head end to end (TSN style).
+
+    The checkpoint (best.pt) goes back to extract-features --weights; its head to train-head.
+    """
+    from datp.finetune import FinetuneConfig, finetune
+    from datp.finetune.config import parse_ints
+
+    cfg = FinetuneConfig(
+        sources=tuple(str(s) for s in sources), out=str(out), stream=stream, head=head,
+        head_options=tuple(head_options), backbone=backbone, weights=weights, num_segments=segments,
+        new_length=new_length, flows=str(flows) if flows else None, root=str(root) if root else None,
+        split=split, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
+        short_side=short_side, resize=resize, input_size=input_size, multi_scale=multi_scale,
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+        lr_steps=parse_ints(lr_steps), lr_gamma=lr_gamma, momentum=momentum,
+        weight_decay=weight_decay, dropout=dropout, bn_freeze=bn_freeze,
+        conv1_lr_mult=conv1_lr_mult, head_lr_mult=head_lr_mult, clip_grad=clip_grad, amp=amp,
+        channels_last=channels_last, workers=workers, device=device, seed=seed, resume=resume)
+    finetune(cfg, progress=not quiet)
 
 
 @main.command("merge")
