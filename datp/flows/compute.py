@@ -13,8 +13,10 @@ import cv2
 import numpy as np
 
 # OpenCV's TV-L1 defaults, unchanged since the TSN era: the flow that TSN, mmaction2 and denseflow
-# features were trained on. The coarsest pyramid level is 0.8**4 = 0.41 of the frame, too fine to
-# follow large motion (Middlebury Urban2). tests/flows/test_compute.py checks these against OpenCV.
+# features were trained on (mmaction2's CPU script runs exactly this; TSN's dense_flow and denseflow
+# ran the GPU TV-L1 with the same values, see docs/flow-presets.md). The coarsest pyramid level is
+# 0.8**4 = 0.41 of the frame, too fine to follow large motion (Middlebury Urban2).
+# tests/flows/test_compute.py checks these values against OpenCV's getters.
 _TVL1_OPENCV = {
     "tau": 0.25,
     "lambda": 0.15,
@@ -36,7 +38,7 @@ FLOW_PRESETS: dict[str, dict[str, dict]] = {
         # defaults except a pyramid that halves per level (coarsest 0.5**4 = 1/16 of the frame, so
         # large motion is found) and 3 warps instead of 5. 4x lower mean EPE, 2.4x less CPU time.
         "tuned": {**_TVL1_OPENCV, "scaleStep": 0.5, "warpingsNumber": 3},
-        # As "tuned" with 2 warps: another 22% less CPU time for 5% more EPE.
+        # As "tuned" with 2 warps: another 25% less CPU time for 5% more EPE.
         "fast": {**_TVL1_OPENCV, "scaleStep": 0.5, "warpingsNumber": 2},
     },
     # Equal to cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_*) (tests/flows/test_compute.py
