@@ -38,7 +38,7 @@ FLOW_PRESETS: dict[str, dict[str, dict]] = {
         # defaults except a pyramid that halves per level (coarsest 0.5**4 = 1/16 of the frame, so
         # large motion is found) and 3 warps instead of 5. 4x lower mean EPE, 2.4x less CPU time.
         "tuned": {**_TVL1_OPENCV, "scaleStep": 0.5, "warpingsNumber": 3},
-        # As "tuned" with 2 warps: another 25% less CPU time for 5% more EPE.
+        # As "tuned" with 2 warps: another 22-25% less CPU time for 5% more EPE.
         "fast": {**_TVL1_OPENCV, "scaleStep": 0.5, "warpingsNumber": 2},
     },
     # Equal to cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_*) (tests/flows/test_compute.py
