@@ -6,7 +6,7 @@ every video has the same length and the two-worker run can balance):
   2. `datp extract-flow --workers 1` (the whole CLI: start-up, decode, flow, quantize, write);
   3. `datp extract-flow --workers 2`.
 Prints frame pairs/s of each and the ratios 2/1 (target >= 0.95) and 3/2 (target >= 1.8 on two
-cores). Run: python bench/flow.py [--frames 40] [--clips 6] [--preset fast]
+cores). Run: python bench/flow.py [--frames 40] [--clips 6] [--preset tuned]
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--clips", type=int, default=6)
-    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--preset", default=None, help="TV-L1 preset (default: datp's default)")
     parser.add_argument("--short-side", type=int, default=256)
     args = parser.parse_args()
+    if args.preset is None:
+        from datp.flows.compute import DEFAULT_PRESETS
+
+        args.preset = DEFAULT_PRESETS["tvl1"]
     if not CLIPS.is_dir():
         sys.exit(f"{CLIPS} is absent: the benchmark needs the shared real clips")
 

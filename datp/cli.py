@@ -90,9 +90,10 @@ def main():
               help="h5: one compressed store; jpg: TSN/denseflow flow_x_00001.jpg folders + lists.")
 @click.option("--algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default="tvl1",
               show_default=True)
-@click.option("--preset", default=None, help="Parameter preset of the algorithm (tvl1: fast "
-              "[default, tuned], opencv [OpenCV defaults, as TSN/mmaction2 features]); see "
-              "docs/flow-presets.md.")
+@click.option("--preset", default=None, help="Parameter preset of the algorithm (tvl1: tuned "
+              "[default: 4x lower end-point error than opencv on Middlebury, 2.4x faster], fast, "
+              "opencv [OpenCV's defaults, as TSN/mmaction2 features]; dis: ultrafast, fast, "
+              "medium [default]); see docs/flow-presets.md.")
 @click.option("--short-side", type=int, default=256, show_default=True,
               help="Resize so the short side has S pixels before flow (0: keep the source size).")
 @click.option("--size", default=None, help="Resize to WxH instead (TSN: 340x256).")
