@@ -415,6 +415,7 @@ def test_shards_then_merge_equal_one_run(tmp_path, video_dir):
             assert {k: v for k, v in store.attrs.items() if k not in skip} == \
                 {k: v for k, v in ref.attrs.items() if k not in skip}
             assert sorted(zip(store.ids, store.labels.tolist())) == sorted(zip(ref.ids, ref.labels.tolist()))
+            assert store.class_names == ref.class_names == ["left", "right"]  # the folder's classes
     for shard in shards:
         shard.unlink()
     assert sorted(per_video(tmp_path / "merged1.h5")) == sorted(one)  # --copy is self-contained
