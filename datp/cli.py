@@ -341,6 +341,61 @@ def demo_cmd(out, reduced, epochs, workers, quiet):
     run_demo(cfg, progress=not quiet, log=lambda m: click.echo(m, err=m.startswith("==")))
 
 
+def _floats(text):
+    return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+
+
+@main.command("localize")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("features", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="ActivityNet results JSON to write.")
+@click.option("--split", default=None, help="Only this split of the store (default: every done video).")
+@click.option("--flow-run", type=click.Path(path_type=Path), default=None,
+              help="A flow-stream run on the same store, fused as theta * rgb + (1 - theta) * flow.")
+@click.option("--theta", type=float, default=0.5, show_default=True, help="Weight of RUN_DIR in the fusion.")
+@click.option("--class-threshold", type=float, default=0.1, show_default=True,
+              help="Localize classes whose video probability reaches this (else the top class).")
+@click.option("--segment-threshold", default="0.5", show_default=True,
+              help="Fraction(s) of each class curve's peak at which it is cut, e.g. 0.5 or 0.3,0.5,0.7.")
+@click.option("--nms-iou", type=float, default=0.5, show_default=True, help="Per-class NMS tIoU.")
+@click.option("--export", type=click.Path(path_type=Path), default=None,
+              help="Also write the attention weights per video (.csv or .json).")
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def localize_cmd(run_dir, features, out, split, flow_run, theta, class_threshold, segment_threshold, nms_iou,
+                 export, device):
+    """Temporal action detection from a trained attention head: w_i^c = a_i * s_c -> segments."""
+    from datp.pool.detect_run import localize_run
+
+    thresholds = _floats(segment_threshold)
+    result = localize_run(run_dir, features, out=out, split=split, flow_run=flow_run, theta=theta,
+                          class_threshold=class_threshold,
+                          segment_threshold=thresholds[0] if len(thresholds) == 1 else thresholds,
+                          nms_iou=nms_iou, export=export, device=device)
+    count = sum(len(v) for v in result["results"].values())
+    click.echo(f"wrote {out}: {count} detections in {len(result['results'])} videos"
+               + (f"; weights in {export}" if export else ""))
+
+
+@main.command("eval-detection")
+@click.argument("detections", type=click.Path(path_type=Path))
+@click.argument("ground_truth", type=click.Path(path_type=Path))
+@click.option("--evaluator", required=True, type=click.Choice(["anet", "thumos14"]),
+              help="anet: ActivityNet's tool; thumos14: the THUMOS14 kit (docs/detection.md).")
+@click.option("--subset", default=None,
+              help="Ground truth subset: 'validation' (ActivityNet JSON) or 'test'/'val' (THUMOS14 folder).")
+@click.option("--tiou", default=None, help="tIoU thresholds, e.g. 0.5,0.75 (default: the evaluator's).")
+@click.option("--per-class", is_flag=True, help="Also print each class's AP.")
+@user_errors
+def eval_detection_cmd(detections, ground_truth, evaluator, subset, tiou, per_class):
+    """Mean AP of ActivityNet results JSON against ActivityNet JSON or THUMOS14 annotations."""
+    from datp.pool.detect_run import eval_detection
+    from datp.pool.detection import format_result
+
+    result = eval_detection(detections, ground_truth, evaluator=evaluator, subset=subset, tiou=_floats(tiou))
+    click.echo(format_result(result, per_class=per_class))
+
+
 @main.command("merge")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path))
