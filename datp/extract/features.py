@@ -143,7 +143,7 @@ class VideoItems(torch.utils.data.Dataset):
             return {"i": i, "ok": False, "reason": f"{type(err).__name__}: {err}".replace("\n", " ")}
 
     def _load(self, record: Record) -> dict:
-        from datp.io.decode import DecodeError, VideoInfo, iter_frames
+        from datp.io.decode import DecodeError, VideoInfo, read_frames
 
         cfg, use_flow = self.cfg, "flow" in self.cfg.streams
         L = cfg.new_length
@@ -152,34 +152,56 @@ class VideoItems(torch.utils.data.Dataset):
                       else {"short_side": self.flow["short_side"] or None})
         else:
             resize = {"short_side": cfg.short_side or None}
+        on_the_fly = use_flow and self.flow["source"] == "on-the-fly"
+
+        def needed(T: int) -> np.ndarray:
+            """The frames this video's segments read: RGB frames, and both frames of each
+            flow pair computed on the fly."""
+            if use_flow and T < 2:
+                return np.zeros(0, np.int64)  # fails below with a clear reason
+            starts, length, space = self._starts(T)
+            keep = [self._rgb_index(starts, T)] if "rgb" in cfg.streams else []
+            if on_the_fly:
+                pairs = frame_indices(starts, L, space).ravel()
+                keep += [pairs, pairs + 1]
+            return np.concatenate(keep) if keep else np.zeros(0, np.int64)
+
         info = VideoInfo(path=str(record.path))
-        frames = list(iter_frames(record.path, info, **resize))
+        frames, info = read_frames(record.path, needed, info, **resize)  # {index: frame}
         if info.errors:
             raise DecodeError(f"corrupt stream: {len(info.errors)} packet(s) failed to decode "
                               f"({info.errors[0]})")
-        T = len(frames)
+        T = info.num_frames
         if use_flow and T < 2:
             raise DecodeError(f"{T} frame decoded; the flow stream needs at least 2")
-        space, length = (T - 1, L) if use_flow else (T, 1)
-        if cfg.stride is not None:
-            starts = stride_indices(space, cfg.stride, length)
-        else:
-            starts = segment_indices(space, cfg.num_segments, length, "test")
+        starts, length, space = self._starts(T)
         out = {"t": segment_times(starts, length, space), "frame": starts,
                "num_frames": T, "fps": info.fps}
         if "rgb" in cfg.streams:
-            rgb_index = np.minimum(starts + length // 2, T - 1) if use_flow else starts
-            out["rgb"] = rgb_to_tensor(np.stack([frames[j] for j in rgb_index]),
+            out["rgb"] = rgb_to_tensor(np.stack([frames[j] for j in self._rgb_index(starts, T)]),
                                        resize=cfg.resize, crop=cfg.input_size,
                                        num_crops=cfg.num_crops)
         if use_flow:
             pairs = frame_indices(starts, L, T - 1)  # (N, L) pair indices
-            stacks = self._flow_pairs(record, frames, pairs)  # (N, L, H, W, 2) uint8
+            stacks = self._flow_pairs(record, frames, T, pairs)  # (N, L, H, W, 2) uint8
             out["flow"] = flow_to_tensor(stacks, resize=cfg.resize, crop=cfg.input_size,
                                          num_crops=cfg.num_crops)
         return out
 
-    def _flow_pairs(self, record: Record, frames: list, pairs: np.ndarray) -> np.ndarray:
+    def _starts(self, T: int) -> tuple[np.ndarray, int, int]:
+        """(segment starts, indices per segment, index space) for a video of T frames."""
+        cfg = self.cfg
+        space, length = (T - 1, cfg.new_length) if "flow" in cfg.streams else (T, 1)
+        if cfg.stride is not None:
+            return stride_indices(space, cfg.stride, length), length, space
+        return segment_indices(space, cfg.num_segments, length, "test"), length, space
+
+    def _rgb_index(self, starts: np.ndarray, T: int) -> np.ndarray:
+        if "flow" in self.cfg.streams:
+            return np.minimum(starts + self.cfg.new_length // 2, T - 1)
+        return starts
+
+    def _flow_pairs(self, record: Record, frames: dict, T: int, pairs: np.ndarray) -> np.ndarray:
         needed = np.unique(pairs)
         if self.flow["source"] == "on-the-fly":
             from datp.flows.compute import FlowComputer
@@ -214,9 +236,9 @@ class VideoItems(torch.utils.data.Dataset):
                 raise KeyError(f"{self.flow['source']} has no flow for {record.id!r}; run "
                                "datp extract-flow on this dataset first")
             stored = self._reader.meta(record.id)["num_frames"]
-            if stored != len(frames):
+            if stored != T:
                 raise ValueError(f"the flow store has {stored} frames for {record.id!r}, the "
-                                 f"video decodes to {len(frames)}; re-extract its flow")
+                                 f"video decodes to {T}; re-extract its flow")
             data = self._reader.flow(record.id, needed)
             table = dict(zip(needed.tolist(), data))
         return np.stack([[table[j] for j in row] for row in pairs])
