@@ -200,6 +200,72 @@ def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams,
     _finish(summary, Path(f"{shard_out(cfg.out, cfg.shard)}.failures.csv"), "extract-features")
 
 
+@main.command("train-head")
+@click.argument("features", type=click.Path(path_type=Path))
+@click.option("--head", default="datp", show_default=True,
+              help="avg, max, datp, lstm-attn, self-attn or joint-attn.")
+@click.option("--stream", type=click.Choice(["rgb", "flow", "both"]), default="rgb",
+              show_default=True, help="both: joint-attn only (other heads: one run per stream, "
+              "fused by datp evaluate).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Videos per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of the train split held out (stratified) to pick the best epoch; the "
+              "test split is never used for choices.")
+@click.option("--score-source", type=click.Choice(["auto", "cached", "linear"]), default="auto",
+              show_default=True, help="Segment class scores: the store's logits (cached, when the "
+              "backbone was trained on these classes) or a trained linear classifier on pooled "
+              "conv features; auto picks from the store.")
+@click.option("--datp-input", type=click.Choice(["conv", "softmax"]), default="conv",
+              show_default=True, help="What DATP's auxiliary ConvNet reads.")
+@click.option("--gaussians", type=int, default=2, show_default=True, help="DATP mixture size K.")
+@click.option("--generator", type=click.Choice(["mog", "discrete"]), default="mog",
+              show_default=True, help="DATP weights: mixture of Gaussians or N discrete weights.")
+@click.option("--pooled-scores", type=click.Choice(["logits", "probs"]), default="logits",
+              show_default=True, help="What DATP pools per segment.")
+@click.option("--hidden", type=int, default=512, show_default=True, help="lstm-attn cells.")
+@click.option("--attn-hidden", type=int, default=128, show_default=True,
+              help="Attention MLP width (self-attn, joint-attn).")
+@click.option("--attention", type=click.Choice(["softmax", "sigmoid"]), default="softmax",
+              show_default=True, help="self-attn attention (sigmoid localizes better).")
+@click.option("--alpha", type=float, default=0.0, show_default=True,
+              help="self-attn smoothness weight.")
+@click.option("--beta", type=float, default=0.0, show_default=True,
+              help="self-attn sparsity weight (acts with sigmoid attention).")
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-ram-gb", type=float, default=8.0, show_default=True,
+              help="Load the features into RAM under this size, else stream them from the store.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_decay, seed,
+                   val_fraction, score_source, datp_input, gaussians, generator, pooled_scores,
+                   hidden, attn_hidden, attention, alpha, beta, dropout, device, max_ram_gb, quiet):
+    """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
+
+    Writes config.json, checkpoint.pt, metrics.json, predictions.h5 and weights.csv to --out.
+    """
+    import json
+
+    from datp.pool.train import HeadConfig, train_head
+
+    cfg = HeadConfig(features=str(features), out=str(out), head=head, stream=stream,
+                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     seed=seed, val_fraction=val_fraction, score_source=score_source,
+                     datp_input=datp_input, gaussians=gaussians, generator=generator,
+                     pooled_scores=pooled_scores, hidden=hidden, attn_hidden=attn_hidden,
+                     attention=attention, alpha=alpha, beta=beta, dropout=dropout, device=device,
+                     max_ram_gb=max_ram_gb)
+    metrics = train_head(cfg, progress=not quiet)
+    shown = {k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "best_epoch")
+             if k in metrics}
+    click.echo(json.dumps(shown))
+
+
 @main.command("finetune", epilog=SOURCE_HELP + " Several processes or machines: torchrun "
               "--nproc-per-node K -m datp finetune ... (docs/finetune.md).")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
