@@ -278,29 +278,30 @@ def testing_schemes(run_dir: str | Path, *, avg_run: str | Path | None = None, f
         if not len(rows):
             raise ValueError(f"{store.path.name} has no videos of split {split!r}")
         data = run_data(run, store, rows, max_ram_gb=max_ram_gb)
-        labels, logits = [], {run.name: [], "P2": []}  # run.name: the head as trained
+        # filled in place (see `datp.pool.train.predict` on why not lists of per-batch arrays)
+        V, C = len(rows), len(run.class_names)
+        names = [run.name, "P2"] + (["P1"] if mog else [])  # run.name: the head as trained
+        logits = {name: np.empty((V, C), np.float32) for name in names}
+        labels = np.empty(V, np.int64)
         if mog:
-            logits["P1"] = []
-            rho, mu, sigma = (v.to(run.device) for v in random_mixture(len(rows), head.num_gaussians, seed=seed))
+            rho, mu, sigma = (v.to(run.device) for v in random_mixture(V, head.num_gaussians, seed=seed))
         start = 0
         for batch in data.batches(rows, batch_size):
             x = head_input(batch, run.streams, run.device, joint=False)
             mask = x.mask
-            B = len(batch.label)
+            part = slice(start, start + len(batch.label))
             scores = head.scores(x, mask)  # (B, N, C) I_i, zero on masked segments
             count = mask.sum(dim=1, keepdim=True).clamp_min(1)
-            logits[run.name].append(head(x).logits.cpu())
-            logits["P2"].append((scores.sum(dim=1) / count).cpu())
+            logits[run.name][part] = head(x).logits.cpu().numpy()
+            logits["P2"][part] = (scores.sum(dim=1) / count).cpu().numpy()
             if mog:
-                part = slice(start, start + B)
                 log_w = mog_log_weights(x.t.masked_fill(~mask, 0.0), torch.log(rho[part]), mu[part],
                                         torch.log(sigma[part]))
                 pooled = scores if head.pooled_scores == "logits" else torch.softmax(scores, dim=-1)
-                logits["P1"].append(l2_pool_log(pooled, log_w, mask)[0].cpu())
-            labels.append(batch.label)
-            start += B
-        labels = torch.cat(labels).numpy()
-        schemes = {k: metrics(torch.cat(v).numpy(), labels, run.class_names) for k, v in logits.items()}
+                logits["P1"][part] = l2_pool_log(pooled, log_w, mask)[0].cpu().numpy()
+            labels[part] = batch.label.numpy()
+            start = part.stop
+        schemes = {k: metrics(v, labels, run.class_names) for k, v in logits.items()}
         if not mog:
             notes.append(f"P1 needs a datp run with the mog generator; {run_dir} is {run.name}"
                          + (f" ({head.generator})" if run.name == "datp" else ""))
@@ -369,6 +370,14 @@ class EvaluateConfig:
             raise ValueError("plots need --out FOLDER to write the PNGs into")
         if self.plot_videos < 0:
             raise ValueError(f"--plot-videos {self.plot_videos} must be >= 0")
+
+
+def parse_floats(text: str, *, what: str = "--weights") -> tuple[float, ...]:
+    """"1,1.5" -> (1.0, 1.5); "" -> () (for `--weights`)."""
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} must be comma-separated numbers, e.g. 1,1.5") from None
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:

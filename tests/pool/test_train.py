@@ -223,7 +223,7 @@ def test_user_errors_are_one_clear_line(stores, problem, tmp_path):
         HeadConfig(features=str(store), out=str(tmp_path), head="datp", stream="both")
     with pytest.raises(ValueError, match="joint-attn pools rgb and flow together; use --stream both"):
         HeadConfig(features=str(store), out=str(tmp_path), head="joint-attn")
-    with pytest.raises(ValueError, match="--gaussians applies to the datp head"):
+    with pytest.raises(ValueError, match="--gaussians applies to datp only, not to avg; drop it"):
         HeadConfig(features=str(store), out=str(tmp_path), head="avg", gaussians=3)
     with pytest.raises(ValueError, match=r"unknown head 'tsn'; choose from \['avg'"):
         HeadConfig(features=str(store), out=str(tmp_path), head="tsn")
