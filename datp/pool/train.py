@@ -595,8 +595,14 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Run:
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"{run_dir} has no checkpoint.pt; pass a RUN_DIR written by datp train-head")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("datp_head_checkpoint") != CHECKPOINT_VERSION:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unsafe or damaged file: say so in one line
+        lines = str(err).splitlines() or [type(err).__name__]
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0].strip())
+        raise ValueError(f"{path} cannot be loaded safely (weights_only=True): {reason}; train the run again "
+                         "with this datp") from None
+    if not isinstance(ckpt, dict) or ckpt.get("datp_head_checkpoint") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} is not a datp head checkpoint (version {CHECKPOINT_VERSION})")
     head = _build(ckpt["head"], ckpt["head_options"])
     head.load_state_dict(ckpt["state_dict"])

@@ -213,6 +213,17 @@ def test_load_run_gives_the_same_test_logits(name, stores, problem, tmp_path):
         assert again["ids"] == [v.decode() for v in f["ids"][:]]
 
 
+def test_load_run_refuses_what_is_not_a_safe_head_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="has no checkpoint.pt; pass a RUN_DIR written by datp train-head"):
+        load_run(tmp_path)
+    torch.save({"model": np.zeros(2)}, tmp_path / "checkpoint.pt")  # a numpy array: not weights_only-safe
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        load_run(tmp_path)
+    torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a datp head checkpoint"):
+        load_run(tmp_path)
+
+
 # ---------------------------------------------------------------- user errors
 
 
