@@ -249,8 +249,6 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
 
     Writes config.json, checkpoint.pt, metrics.json, predictions.h5 and weights.csv to --out.
     """
-    import json
-
     from datp.pool.train import HeadConfig, train_head
 
     cfg = HeadConfig(features=str(features), out=str(out), head=head, stream=stream,
@@ -260,10 +258,49 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
                      pooled_scores=pooled_scores, hidden=hidden, attn_hidden=attn_hidden,
                      attention=attention, alpha=alpha, beta=beta, dropout=dropout, device=device,
                      max_ram_gb=max_ram_gb)
-    metrics = train_head(cfg, progress=not quiet)
-    shown = {k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "best_epoch")
-             if k in metrics}
-    click.echo(json.dumps(shown))
+    train_head(cfg, progress=not quiet)
+
+
+@main.command("evaluate")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False,
+                                                                  path_type=Path))
+@click.option("--weights", default="", help="Fusion weight per run, comma-separated "
+              "(default by stream: rgb 1, flow 1.5).")
+@click.option("--on", type=click.Choice(["softmax", "logits"]), default="softmax", show_default=True,
+              help="Fuse softmax probabilities (heads' logits have different scales) or raw logits.")
+@click.option("--schemes", is_flag=True, help="DATP's testing schemes on the first run: as trained, "
+              "P1 (random Gaussians), P2 (its segment classifier, average pooling); P3 with --avg-run.")
+@click.option("--avg-run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A run of the avg head on the same store and stream (scheme P3).")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Store for the schemes (default: the one the run was trained on).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of P1's random Gaussians.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for evaluation.json and the PNGs.")
+@click.option("--plot-videos", type=int, default=0, show_default=True,
+              help="Figure 3 (segment scores and weights) for this many test videos of the first run.")
+@click.option("--videos", default="", help="Figure 3 for these comma-separated video ids instead.")
+@click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Ground-truth events to shade in Figure 3 (datp synth's events.json).")
+@click.option("--compare", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Figure 4: per-class accuracy changes from this run to the first run.")
+@click.option("--device", default="cpu", show_default=True, help="For the schemes.")
+@user_errors
+def evaluate_cmd(runs, weights, on, schemes, avg_run, features, seed, out, plot_videos, videos, events,
+                 compare, device):
+    """Score train-head runs on their test split: fuse several (e.g. rgb + flow), run DATP's
+    testing schemes, draw Figures 3 and 4.
+    """
+    from datp.pool.evaluate import EvaluateConfig, evaluate, format_report, parse_floats
+
+    cfg = EvaluateConfig(
+        runs=tuple(str(r) for r in runs), weights=parse_floats(weights), on=on, schemes=schemes,
+        avg_run=str(avg_run) if avg_run else None, features=str(features) if features else None,
+        seed=seed, out=str(out) if out else None, plot_videos=plot_videos,
+        videos=tuple(v.strip() for v in videos.split(",") if v.strip()),
+        events=str(events) if events else None, compare=str(compare) if compare else None,
+        device=device)
+    click.echo(format_report(evaluate(cfg)))
 
 
 @main.command("finetune", epilog=SOURCE_HELP + " Several processes or machines: torchrun "

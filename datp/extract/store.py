@@ -468,8 +468,13 @@ class FeatureStore:
             mask[:, :self.num_segments] = True
             for stream in streams:
                 if conv:
-                    convs[stream][:, :self.num_segments] = torch.from_numpy(
-                        self._file[f"{stream}/conv"][sorted_idx][inv].astype(np.float32))
+                    # one chunk (= one video) per read: h5py's fancy indexing over the first axis
+                    # is 6-8x slower than reading the rows one by one (bench/heads.py)
+                    dataset = self._file[f"{stream}/conv"]
+                    row = np.empty(dataset.shape[1:], dataset.dtype)
+                    for b, i in enumerate(idx):
+                        dataset.read_direct(row, np.s_[int(i)])
+                        convs[stream][b, :self.num_segments] = torch.from_numpy(row)
                 logits[stream][:, :self.num_segments] = torch.from_numpy(
                     self._file[f"{stream}/logits"][sorted_idx][inv])
         else:
