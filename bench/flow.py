@@ -39,7 +39,7 @@ def main() -> None:
     if not CLIPS.is_dir():
         sys.exit(f"{CLIPS} is absent: the benchmark needs the shared real clips")
 
-    from conftest import write_video  # lossless FFV1 writer shared with the tests
+    from datp_testing import write_video  # lossless FFV1 writer shared with the tests
     from datp.flows.compute import FlowComputer, set_single_thread
     from datp.flows.extract import to_gray
     from datp.io.decode import read_video

@@ -21,7 +21,7 @@ import torchvision.transforms.v2 as T
 from click.testing import CliRunner
 from torch import nn
 
-from conftest import moving_texture, shared_data, write_video
+from datp_testing import moving_texture, shared_data, write_video
 from datp.cli import main
 from datp.extract.backbones import build_backbone
 from datp.extract.store import FeatureStore

@@ -1,5 +1,5 @@
 """Shared data for the finetune tests (a helper module, not a conftest: a second conftest.py would
-shadow tests/conftest.py for the `from conftest import ...` of other test folders).
+break `from conftest import ...` in other folders; shared video helpers are in tests/datp_testing.py).
 
 A tiny two-class dataset (texture moving right vs left), its flow store and jpg flow folders are
 built once per test process in a temporary folder removed at exit.
@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import moving_texture, write_video
+from datp_testing import moving_texture, write_video
 from datp.finetune import FinetuneConfig
 
 CLASSES = ("left", "right")

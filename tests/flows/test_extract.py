@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import moving_texture, shared_data, write_video
+from datp_testing import moving_texture, shared_data, write_video
 from datp.cli import main
 from datp.flows.store import FlowStore
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_data
+from datp_testing import shared_data
 from datp.io.datasets import (DatasetError, load_dataset, parse_shard, safe_name,
                               shard_records)
 

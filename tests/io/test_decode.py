@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import moving_texture, shared_data, write_video
+from datp_testing import moving_texture, shared_data, write_video
 from datp.io.decode import DecodeError, output_size, read_video
 
 
