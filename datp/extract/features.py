@@ -31,6 +31,7 @@ from datp.extract import store as fstore
 from datp.extract.sampling import frame_indices, segment_indices, segment_times, stride_indices
 from datp.extract.transforms import flow_to_tensor, rgb_to_tensor
 from datp.io.datasets import Dataset, Record, shard_records
+from datp.io.device import resolve_device
 from datp.io.runner import FailureLog, Summary
 
 INDEX_SECONDS = 10.0
@@ -248,15 +249,6 @@ def _identity(batch):
     return batch
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: no CUDA GPU is available; use --device cpu")
-    return device
-
-
 @dataclass
 class _Pending:
     record: Record
@@ -326,7 +318,7 @@ def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = T
         if record in records:
             failure_log.add(record, "video file not found")
             summary.failed.append((record.id, str(record.path), "video file not found"))
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     for model in models.values():
         model.to(device)
         if device.type == "cuda":

@@ -183,12 +183,7 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         f.attrs["index_only"] = not final
-        v = f.create_group("videos")
-        v["id"] = np.array([r.id for r in videos], dtype=object).astype(_STR)
-        v["label"] = np.array([r.label for r in videos], np.int64)
-        v["split"] = np.array([r.split for r in videos], dtype=object).astype(_STR)
-        v["num_frames"] = np.array([r.num_frames for r in videos], np.int64)
-        v["fps"] = np.array([r.fps for r in videos], np.float32)
+        _write_videos(f, videos)
         f["done"] = lengths > 0
         if ragged:
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -233,6 +228,16 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
     if final:
         shutil.rmtree(parts_dir(out), ignore_errors=True)
     return int((lengths > 0).sum())
+
+
+def _write_videos(f: h5py.File, rows: Sequence[VideoRow]) -> None:
+    """The `videos/` columns of a store."""
+    v = f.create_group("videos")
+    v["id"] = np.array([r.id for r in rows], dtype=object).astype(_STR)
+    v["label"] = np.array([r.label for r in rows], np.int64)
+    v["split"] = np.array([r.split for r in rows], dtype=object).astype(_STR)
+    v["num_frames"] = np.array([r.num_frames for r in rows], np.int64)
+    v["fps"] = np.array([r.fps for r in rows], np.float32)
 
 
 def _with_counts(row: VideoRow, kind, src) -> VideoRow:
@@ -520,12 +525,7 @@ def merge_feature_stores(inputs: Sequence[Path], out: Path, *, copy: bool = Fals
         with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(first.attrs)
             f.attrs["index_only"] = False
-            v = f.create_group("videos")
-            v["id"] = np.array([r.id for r in rows], dtype=object).astype(_STR)
-            v["label"] = np.array([r.label for r in rows], np.int64)
-            v["split"] = np.array([r.split for r in rows], dtype=object).astype(_STR)
-            v["num_frames"] = np.array([r.num_frames for r in rows], np.int64)
-            v["fps"] = np.array([r.fps for r in rows], np.float32)
+            _write_videos(f, rows)
             f["done"] = np.concatenate([s.done for s in stores])
             keys = ["segments/t", "segments/frame"] + [f"{st}/{k}" for st in first.streams
                                                         for k in ("conv", "logits")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datp.flows.compute import DEFAULT_PRESETS, FlowComputer, set_single_thread
+from datp.flows.compute import FlowComputer, set_single_thread
 from datp.flows.quantize import quantize
 from datp.io.datasets import Dataset, Record, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
@@ -125,17 +125,23 @@ def _chunk(flows: list, images: list, with_rgb: bool):
     return (flow, np.stack(images)) if with_rgb else flow
 
 
-def _check_settings(marker: Path, settings: dict) -> None:
+RUN_ONLY = ("workers", "shard", "out")  # settings that may change between runs of one store
+
+
+def _check_settings(where: Path, old: dict | None, new: dict) -> None:
     """Refuse to mix outputs of different settings in one store (resume needs the same ones)."""
-    keep = {k: v for k, v in json.loads(json.dumps(settings)).items()
-            if k not in ("workers", "shard", "out")}
+    a = {k: v for k, v in json.loads(json.dumps(old or {})).items() if k not in RUN_ONLY}
+    b = {k: v for k, v in json.loads(json.dumps(new)).items() if k not in RUN_ONLY}
+    if a and a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{where} holds flow made with other settings ({', '.join(diff)} "
+                         "differ); use another --out, or the same settings to resume")
+
+
+def _marked_settings(marker: Path, settings: dict) -> None:
+    """Check `settings` against the run's marker file, writing it on the first run."""
     if marker.is_file():
-        old = json.loads(marker.read_text())
-        old = {k: v for k, v in old.items() if k not in ("workers", "shard", "out")}
-        if old != keep:
-            diff = sorted(k for k in set(old) | set(keep) if old.get(k) != keep.get(k))
-            raise ValueError(f"{marker.parent} holds flow made with other settings ({', '.join(diff)} "
-                             "differ); use another --out, or the same settings to resume")
+        _check_settings(marker.parent, json.loads(marker.read_text()), settings)
     else:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(settings, indent=2, sort_keys=True))
@@ -172,17 +178,16 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
     if cfg.format == "h5":
         from datp.io.atomic import parts_dir
 
-        _check_settings(parts_dir(out) / "settings.json", settings)
+        _marked_settings(parts_dir(out) / "settings.json", settings)
         if out.is_file():
             with store.h5py.File(out, "r") as f:
-                old = json.loads(f.attrs.get("settings", "{}"))
-            _check_settings_equal(out, old, settings)
+                _check_settings(out, json.loads(f.attrs.get("settings", "{}")), settings)
         finished = store.done_ids(out)
         store.open_for_update(out)
         store.write_store(out, records, settings, final=False)
         sink = store.FlowPartWriter(out)
     else:
-        _check_settings(out / "datp_flow_settings.json", settings)
+        _marked_settings(out / "datp_flow_settings.json", settings)
         finished = jpg.done_ids(out, records)
         sink = jpg.JpgWriter(out, with_rgb=cfg.rgb)
     absent = {r.id for r in missing}
@@ -221,15 +226,3 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
         jpg.write_lists(out, records)
     return summary
 
-
-def _check_settings_equal(out: Path, old: dict, new: dict) -> None:
-    skip = ("workers", "shard", "out")
-    a = {k: v for k, v in old.items() if k not in skip}
-    b = {k: v for k, v in json.loads(json.dumps(new)).items() if k not in skip}
-    if a and a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ValueError(f"{out} was made with other settings ({', '.join(diff)} differ); use "
-                         "another --out, or the same settings to add to it")
-
-
-DEFAULT_PRESET = DEFAULT_PRESETS["tvl1"]

@@ -53,6 +53,7 @@ from torch import nn
 import datp
 from datp.extract.store import Batch, FeatureStore
 from datp.io.atomic import atomic_path
+from datp.io.device import resolve_device
 from datp.pool.attention import ATTENTIONS
 from datp.pool.datp_head import DATP_INPUTS, GENERATORS, POOLED_SCORES
 from datp.pool.evaluate import metrics, segment_class_scores, write_predictions
@@ -165,16 +166,6 @@ class HeadConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; a cuda device that is absent is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return device
 
 
 # ---------------------------------------------------------------- data
