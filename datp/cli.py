@@ -240,11 +240,19 @@ def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams,
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-ram-gb", type=float, default=8.0, show_default=True,
               help="Load the features into RAM under this size, else stream them from the store.")
+@click.option("--transfer-from", type=click.Path(path_type=Path), default=None,
+              help="Feature store of trimmed videos (split 'train', same backbone): TSRNet's knowledge "
+              "transfer adds --mmd-weight x [MMD^2(T, U) + MMD^2(fc1(T), fc1(U))] between the pooled "
+              "segment features of a trimmed (T) and the untrimmed (U) batch, Gaussian kernels with "
+              "bandwidths 0.5, 1, 2 x the median distance (docs/detection.md, Knowledge transfer).")
+@click.option("--mmd-weight", type=float, default=0.0, show_default=True,
+              help="Weight L of the transfer term (> 0 with --transfer-from).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_decay, seed,
                    val_fraction, score_source, datp_input, gaussians, generator, pooled_scores,
-                   hidden, attn_hidden, attention, alpha, beta, dropout, device, max_ram_gb, quiet):
+                   hidden, attn_hidden, attention, alpha, beta, dropout, device, max_ram_gb,
+                   transfer_from, mmd_weight, quiet):
     """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
 
     Writes config.json, checkpoint.pt, metrics.json, predictions.h5 and weights.csv to --out.
@@ -257,7 +265,9 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
                      datp_input=datp_input, gaussians=gaussians, generator=generator,
                      pooled_scores=pooled_scores, hidden=hidden, attn_hidden=attn_hidden,
                      attention=attention, alpha=alpha, beta=beta, dropout=dropout, device=device,
-                     max_ram_gb=max_ram_gb)
+                     max_ram_gb=max_ram_gb,
+                     transfer_from=str(transfer_from) if transfer_from else None,
+                     mmd_weight=mmd_weight)
     train_head(cfg, progress=not quiet)
 
 

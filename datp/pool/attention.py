@@ -96,6 +96,11 @@ class LSTMAttnHead(nn.Module):
         weights = torch.stack(step_alpha[last]).mean(dim=0)
         return HeadOutput(zero_empty_rows(logits, mask), weights)
 
+    def transfer_layer(self) -> nn.Module:
+        """TSRNet's fc1: u_a, the layer that reads each segment's pooled feature v_i (the LSTM reads
+        only attention-pooled inputs)."""
+        return self.u_a
+
 
 def temporal_regularizer(weights: Tensor, mask: Tensor | None = None, *, alpha: float, beta: float) -> Tensor:
     """TSRNet's attention regulariser: alpha * sum_i (a_i - a_{i+1})^2 + beta * ||a||_1.
@@ -182,6 +187,10 @@ class SelfAttnHead(nn.Module):
         """`temporal_regularizer`: alpha * sum_i (a_i - a_{i+1})^2 + beta * ||a||_1, batch mean."""
         return temporal_regularizer(weights, mask, alpha=alpha, beta=beta)
 
+    def transfer_layer(self) -> nn.Module:
+        """TSRNet's fc1: W_1, the attention MLP's first layer, which reads the pooled features v_i."""
+        return self.W_1
+
 
 class JointAttnHead(nn.Module):
     """Two-stream attention in the spirit of JNA: one attention from both streams, shared by both.
@@ -242,3 +251,7 @@ class JointAttnHead(nn.Module):
         a = masked_softmax(e, mask)  # (B, N)
         logits = sum(self.classifiers[s](self.dropout(torch.einsum("bn,bnc->bc", a, v[s]))) for s in self.streams)
         return HeadOutput(zero_empty_rows(logits, mask), a)
+
+    def transfer_layer(self) -> nn.Module:
+        """TSRNet's fc1: W_1, which reads [v_i^s for s in streams] concatenated in `streams` order."""
+        return self.W_1

@@ -305,3 +305,8 @@ class DATPHead(nn.Module):
         pooled = scores if self.pooled_scores == "logits" else torch.softmax(scores, dim=-1)
         logits, weights = l2_pool_log(pooled, log_w, mask)
         return HeadOutput(zero_empty_rows(logits, mask), weights)
+
+    def transfer_layer(self) -> nn.Module | None:
+        """TSRNet's fc1: the linear segment classifier on the pooled features (None for cached scores;
+        the auxiliary net reads unpooled maps, so it is not used)."""
+        return self.scores.transfer_layer()

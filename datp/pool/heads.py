@@ -9,6 +9,10 @@ Every constructor is keyword-only and accepts `num_classes`, `num_segments` and 
 Heads that pool per-segment class scores (`uses_scores = True`: avg, max, datp) also take
 `score_source` ("cached" or "linear", see `default_score_source`); the attention heads classify
 pooled features with their own classifier and do not.
+
+`head.transfer_layer()` returns the first fully connected layer that reads the pooled segment
+features v_i (TSRNet's fc1, used by `train-head --transfer-from`; see docs/detection.md), or None
+when the head has none (avg, max and datp on cached scores).
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ class AvgHead(nn.Module):
         logits = (weights[..., None] * scores).sum(dim=1)
         return HeadOutput(zero_empty_rows(logits, mask), weights)
 
+    def transfer_layer(self) -> nn.Module | None:
+        """TSRNet's fc1: the linear segment classifier on the pooled features (None for cached scores)."""
+        return self.scores.transfer_layer()
+
 
 class MaxHead(nn.Module):
     """Max pooling: each class takes its largest score over the real segments.
@@ -111,6 +119,10 @@ class MaxHead(nn.Module):
         weights = nn.functional.one_hot(winner[:, 0], scores.shape[1]).to(scores.dtype)
         weights = weights.masked_fill(~mask, 0.0)
         return HeadOutput(logits, weights)
+
+    def transfer_layer(self) -> nn.Module | None:
+        """TSRNet's fc1: the linear segment classifier on the pooled features (None for cached scores)."""
+        return self.scores.transfer_layer()
 
 
 HEADS: dict[str, type[nn.Module]] = {

@@ -15,17 +15,24 @@ right. With `bandwidth=None`, `sigma_s = scale_s * sigma_med` for `scale_s` in `
 (0.5, 1, 2), where `sigma_med^2` is the median of the non-zero squared distances between all distinct
 pairs of the pooled samples X u Y (the median heuristic). sigma_med is computed without gradient, so the
 loss moves the features, not the yardstick.
+
+`segment_rows` turns a batch into the rows the transfer loss compares (the pooled features of the real
+segments) and `cap_rows` draws at most `MAX_ROWS` of them, as `datp train-head --transfer-from` does.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from datp.pool.segment_scores import SegmentBatch, pooled_features, resolve_mask
+
 DEFAULT_SCALES = (0.5, 1.0, 2.0)
+MAX_ROWS = 256  # segment rows per side of the transfer loss: the kernel matrix is at most 512 x 512
 
 
 def median_bandwidth(sq_dists: torch.Tensor) -> torch.Tensor:
@@ -105,3 +112,30 @@ def transfer_loss(
     raw = mmd2(T.reshape(T.shape[0], -1), U.reshape(U.shape[0], -1), bandwidth=bandwidth)
     fT, fU = fc1(T), fc1(U)
     return raw + mmd2(fT.reshape(fT.shape[0], -1), fU.reshape(fU.shape[0], -1), bandwidth=bandwidth)
+
+
+def segment_rows(x: SegmentBatch | Mapping[str, SegmentBatch]) -> torch.Tensor:
+    """The globally average-pooled features of a batch's real segments, one row per segment.
+
+    Args:
+        x: a batch with `conv` (B, N, Cf, H, W) or (B, N, Cf) and `mask` (B, N); or {stream: batch}
+            with the same mask, whose features are concatenated in the mapping's order (what the
+            joint-attn head's W_1 reads).
+
+    Returns:
+        (R, D) rows of the R real segments, in batch then segment order (padding left out).
+    """
+    parts = x if isinstance(x, Mapping) else {"": x}
+    first = next(iter(parts.values()))
+    mask = resolve_mask(first)
+    v = torch.cat([pooled_features(b, mask) for b in parts.values()], dim=-1)  # (B, N, D)
+    return v[mask]
+
+
+def cap_rows(x: torch.Tensor, max_rows: int, rng: np.random.Generator) -> torch.Tensor:
+    """At most `max_rows` rows of x: x itself when it has no more, else distinct rows drawn by `rng`
+    (kept in their original order), so that the (n + m)^2 kernel matrix of `mmd2` stays small."""
+    if x.shape[0] <= max_rows:
+        return x
+    keep = np.sort(rng.choice(x.shape[0], size=max_rows, replace=False))
+    return x[torch.from_numpy(keep).to(x.device)]

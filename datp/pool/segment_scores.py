@@ -216,3 +216,7 @@ class SegmentScores(nn.Module):
             )
         return x.logits.masked_fill(~mask[..., None], 0.0)
 
+    def transfer_layer(self) -> nn.Module | None:
+        """The linear classifier on the pooled features ("linear"), or None ("cached" scores)."""
+        return self.fc if self.source == "linear" else None
+

@@ -19,18 +19,26 @@ before the chosen state is fixed.
   with `weight_decay`. Loss: cross-entropy, plus `alpha` (smoothness) and `beta` (sparsity) times
   `SelfAttnHead.regularizer` for self-attn. Heads without parameters (avg/max on cached scores) are
   only evaluated.
+- Knowledge transfer (`transfer_from`, `mmd_weight`; TSRNet): every step also draws a batch of the
+  trimmed store's split "train" (windows of a permutation seeded by seed and epoch) and adds
+  `mmd_weight * transfer_loss(T, U, fc1)` on the pooled features of the real segments of the trimmed
+  (T) and untrimmed (U) batches, at most `datp.pool.mmd.MAX_ROWS` rows per side (seeded draw); fc1
+  is `head.transfer_layer()`. Off by default, and then nothing of it runs (docs/detection.md).
 - Reproducible: the initialisation, epoch order and dropout derive from `seed` (the caller's global
   RNG state is left untouched); two runs with one seed on one machine give identical weights.
 
 RUN_DIR (overwritten file by file, each written atomically):
 - config.json: {"config": asdict(cfg), "resolved": chosen score source, head options, streams,
   num_classes, num_segments, data mode, device; "store": the store's path and attrs summary
-  (backbone, weights, settings...); "split": sizes; "versions": datp, torch, python}.
+  (backbone, weights, settings...); "split": sizes; "transfer": null, or the trimmed store's path,
+  summary and videos, mmd_weight, bandwidth rule, row cap and fc1's name; "versions": datp, torch,
+  python}.
 - checkpoint.pt: {"datp_head_checkpoint": 1, "head", "head_options" (all constructor kwargs),
   "state_dict", "class_names", "stream", "config"}: plain types, `torch.load(weights_only=True)`.
 - metrics.json: test top1, top5, mean_class_accuracy, per_class_accuracy {name: acc}, videos;
   best_epoch (1-based; 0 when nothing was trained), best_val, history (per epoch: train_loss,
-  val_loss, val_top1), timing (seconds and videos/s per epoch, load time).
+  with transfer mmd (the mean unweighted transfer term), val_loss, val_top1), timing (seconds and
+  videos/s per epoch, load time).
 - predictions.h5 and weights.csv (test split only; see `datp.pool.evaluate.write_predictions`).
 """
 
@@ -41,6 +49,7 @@ import math
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -58,6 +67,7 @@ from datp.pool.attention import ATTENTIONS
 from datp.pool.datp_head import DATP_INPUTS, GENERATORS, POOLED_SCORES
 from datp.pool.evaluate import metrics, segment_class_scores, write_predictions
 from datp.pool.heads import HEADS, SegmentBatch, build_head, param_groups
+from datp.pool.mmd import DEFAULT_SCALES, MAX_ROWS, cap_rows, segment_rows, transfer_loss
 
 CHECKPOINT_VERSION = 1
 STREAM_CHOICES = ("rgb", "flow", "both")
@@ -102,6 +112,10 @@ class HeadConfig:
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:K".
         max_ram_gb: load the needed arrays into RAM when they need at most this many GiB, else
             stream batches from the store (0: always stream).
+        transfer_from: a feature store of trimmed videos (its split "train") for TSRNet's knowledge
+            transfer; None: no transfer.
+        mmd_weight: weight of the transfer term `MMD^2(T, U) + MMD^2(fc1(T), fc1(U))` in the loss
+            (> 0 exactly when `transfer_from` is given; see docs/detection.md).
     """
 
     features: str
@@ -127,6 +141,8 @@ class HeadConfig:
     dropout: float = 0.0
     device: str = "auto"
     max_ram_gb: float = 8.0
+    transfer_from: str | None = None
+    mmd_weight: float = 0.0
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -150,13 +166,19 @@ class HeadConfig:
         for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)} must be > 0")
-        for name in ("weight_decay", "alpha", "beta", "max_ram_gb"):
+        for name in ("weight_decay", "alpha", "beta", "max_ram_gb", "mmd_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.transfer_from is not None and not self.mmd_weight > 0:
+            raise ValueError(f"--transfer-from {self.transfer_from} needs --mmd-weight > 0 (got {self.mmd_weight:g}); "
+                             "pass the weight of the transfer loss, e.g. --mmd-weight 1")
+        if self.mmd_weight > 0 and self.transfer_from is None:
+            raise ValueError(f"--mmd-weight {self.mmd_weight:g} needs --transfer-from TRIMMED.h5 (the trimmed videos' "
+                             "feature store); pass it, or drop --mmd-weight")
         defaults = {f.name: f.default for f in fields(self)}
         for name, heads in OPTION_HEADS.items():
             if getattr(self, name) != defaults[name] and self.head not in heads:
@@ -368,10 +390,16 @@ def predict(head: nn.Module, data: SegmentData, rows: Sequence[int], *, batch_si
     return out
 
 
-def _epoch_loss(head, data, rows, cfg, optimizer, device, joint, bar) -> float:
-    """One training epoch over `rows` (in this order); returns the mean loss."""
+def _epoch_loss(head, data, rows, cfg, optimizer, device, joint, bar, transfer=None,
+                epoch: int = 0) -> tuple[float, float | None]:
+    """One training epoch over `rows` (in this order); returns the mean loss and, with `transfer`, the
+    mean unweighted transfer term (else None)."""
     head.train()
     total, count = 0.0, 0
+    if transfer is not None:
+        trimmed = transfer.batches(epoch, steps=-(-len(rows) // cfg.batch_size), batch_size=cfg.batch_size)
+        rng = np.random.default_rng([cfg.seed, epoch, 3])  # which segment rows enter the MMD
+        mmd_total, mmd_steps = 0.0, 0
     for batch in data.batches(rows, cfg.batch_size):
         x = head_input(batch, data.streams, device, joint)
         y = batch.label.to(device)
@@ -379,13 +407,23 @@ def _epoch_loss(head, data, rows, cfg, optimizer, device, joint, bar) -> float:
         loss = F.cross_entropy(out.logits, y)
         if cfg.head == "self-attn" and (cfg.alpha or cfg.beta):
             loss = loss + head.regularizer(out.weights, batch.mask.to(device), alpha=cfg.alpha, beta=cfg.beta)
+        if transfer is not None:
+            T = segment_rows(head_input(next(trimmed), data.streams, device, joint))  # (R_t, D)
+            U = segment_rows(x)  # (R_u, D)
+            if len(T) and len(U):
+                term = transfer_loss(cap_rows(T, MAX_ROWS, rng), cap_rows(U, MAX_ROWS, rng), transfer.layer)
+                loss = loss + cfg.mmd_weight * term
+                mmd_total, mmd_steps = mmd_total + term.item(), mmd_steps + 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(y)
         count += len(y)
         bar.update(len(y))
-    return total / max(count, 1)
+    if transfer is None:
+        return total / max(count, 1), None
+    trimmed.close()
+    return total / max(count, 1), mmd_total / max(mmd_steps, 1)
 
 
 @torch.no_grad()
@@ -403,6 +441,64 @@ def _better(val: dict, best: dict | None) -> bool:
     if best is None or val["val_top1"] is None:
         return True
     return (val["val_top1"], -val["val_loss"]) > (best["val_top1"], -best["val_loss"])
+
+
+# ---------------------------------------------------------------- knowledge transfer
+
+
+@dataclass
+class Transfer:
+    """TSRNet's trimmed-to-untrimmed transfer term of one run (docs/detection.md, "Knowledge transfer").
+
+    Attributes:
+        data: the trimmed store's videos of split "train", with conv maps.
+        rows: those videos' rows in the trimmed store.
+        seed: `HeadConfig.seed`.
+        layer: fc1, the head's `transfer_layer()` (set once the head is built).
+    """
+
+    data: SegmentData
+    rows: np.ndarray
+    seed: int
+    layer: nn.Module | None = None
+
+    def batches(self, epoch: int, *, steps: int, batch_size: int) -> Iterator[Batch]:
+        """`steps` batches of min(batch_size, videos) distinct trimmed videos for one epoch: consecutive
+        windows over a permutation seeded by (seed, epoch), cycled when the epoch has more steps."""
+        size = min(batch_size, len(self.rows))
+        order = np.random.default_rng([self.seed, epoch, 2]).permutation(self.rows)
+        return self.data.batches(order[np.arange(steps * size) % len(order)], size)
+
+
+def open_transfer(cfg: HeadConfig, store: FeatureStore, trimmed: FeatureStore, *, streams: Sequence[str],
+                  max_ram_gb: float, progress: bool = False) -> tuple[Transfer, dict]:
+    """The trimmed store's training videos for `cfg`'s transfer term, checked against the untrimmed store.
+
+    Returns:
+        The `Transfer` (without its layer) and config.json's "transfer" entry.
+
+    Raises:
+        ValueError: the trimmed store lacks a stream, has another conv channel count, or has no done
+            videos of split "train".
+    """
+    for stream in streams:
+        if stream not in trimmed.streams:
+            raise ValueError(f"--transfer-from {trimmed.path} has no '{stream}/conv' but {store.path} is trained on "
+                             f"{stream}; extract the trimmed features with --streams {stream}")
+        ours, theirs = store.conv_shape(stream)[0], trimmed.conv_shape(stream)[0]
+        if ours != theirs:
+            raise ValueError(f"--transfer-from {trimmed.path} has {theirs}-channel {stream} features but {store.path} "
+                             f"has {ours}; extract both stores with the same backbone")
+    rows = trimmed.indices("train")
+    if not len(rows):
+        raise ValueError(f"--transfer-from {trimmed.path} has no done videos of split 'train'; the transfer draws "
+                         "its trimmed batches from that split")
+    data = SegmentData(trimmed, rows, streams=streams, conv=True, pad_to=int(trimmed.lengths(rows).max()),
+                       max_ram_gb=max_ram_gb, progress=progress)
+    summary = {"from": str(trimmed.path.resolve()), "mmd_weight": cfg.mmd_weight, "videos": len(rows),
+               "bandwidth": f"median heuristic x {list(DEFAULT_SCALES)} per batch and term", "max_rows": MAX_ROWS,
+               "data": "ram" if data.in_ram else "streamed", "store": store_summary(trimmed)}
+    return Transfer(data, rows, cfg.seed), summary
 
 
 # ---------------------------------------------------------------- train_head
@@ -448,7 +544,7 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
 
     device = resolve_device(cfg.device)
     streams = ("rgb", "flow") if cfg.stream == "both" else (cfg.stream,)
-    with FeatureStore(cfg.features) as store:
+    with FeatureStore(cfg.features) as store, ExitStack() as stack:
         for stream in streams:
             store.require(stream)
             store.require(stream, "logits")
@@ -470,12 +566,21 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
         # Test rows join the RAM copy only so that the final test does not read the store again.
         data = SegmentData(store, every, streams=streams, conv=conv, pad_to=pad_to, max_ram_gb=cfg.max_ram_gb,
                            progress=progress)
+        transfer, transfer_info = None, None
+        if cfg.transfer_from is not None:
+            if HEADS[cfg.head].uses_scores and score_source == "cached":
+                raise ValueError(f"--mmd-weight needs a layer on the pooled conv features, but {cfg.head} on cached "
+                                 "scores has none; use --score-source linear")
+            left = max(cfg.max_ram_gb - (data.nbytes / 2**30 if data.in_ram else 0.0), 0.0)  # one RAM budget
+            trimmed = stack.enter_context(FeatureStore(cfg.transfer_from))
+            transfer, transfer_info = open_transfer(cfg, store, trimmed, streams=streams, max_ram_gb=left,
+                                                    progress=progress)
         resolved = {"score_source": score_source, "head_options": options, "streams": list(streams),
                     "num_classes": C, "num_segments": pad_to, "conv_loaded": conv,
                     "data": "ram" if data.in_ram else "streamed", "data_gib": data.nbytes / 2**30,
                     "device": str(device)}
         config = {"config": asdict(cfg), "resolved": resolved, "store": store_summary(store), "split": split_info,
-                  "versions": {"datp": datp.__version__, "torch": str(torch.__version__),
+                  "transfer": transfer_info, "versions": {"datp": datp.__version__, "torch": str(torch.__version__),
                                "python": platform.python_version()}}
         config = json.loads(json.dumps(config, default=_plain))  # plain types: weights_only-safe
         out = Path(cfg.out)
@@ -486,6 +591,10 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             head = _build(cfg.head, options).to(device)
+            if transfer is not None:
+                transfer.layer = head.transfer_layer()
+                config["transfer"]["fc1"] = next(n for n, m in head.named_modules() if m is transfer.layer)
+                _write_json(out / "config.json", config)
             groups = param_groups(head, cfg.lr)
             optimizer = torch.optim.Adam(groups, weight_decay=cfg.weight_decay) if groups else None
             epochs = cfg.epochs if optimizer is not None else 0
@@ -498,10 +607,10 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
                 order = np.random.default_rng([cfg.seed, epoch, 1]).permutation(train_rows)
                 bar.set_description(f"epoch {epoch + 1}/{epochs}")
                 started = time.perf_counter()
-                loss = _epoch_loss(head, data, order, cfg, optimizer, device, joint, bar)
+                loss, mmd = _epoch_loss(head, data, order, cfg, optimizer, device, joint, bar, transfer, epoch)
                 trained = time.perf_counter()
                 val = _validate(head, data, val_rows, cfg, device)
-                history.append({"epoch": epoch + 1, "train_loss": loss, **val})
+                history.append({"epoch": epoch + 1, "train_loss": loss, **({} if mmd is None else {"mmd": mmd}), **val})
                 timing["epochs"].append({"train_seconds": trained - started,
                                          "val_seconds": time.perf_counter() - trained,
                                          "videos_per_s": len(train_rows) / max(trained - started, 1e-9)})
