@@ -473,10 +473,16 @@ def _floats(text):
 @click.option("--nms-iou", type=float, default=0.5, show_default=True, help="Per-class NMS tIoU.")
 @click.option("--export", type=click.Path(path_type=Path), default=None,
               help="Also write the attention weights per video (.csv or .json).")
+@click.option("--plot", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for one PNG per video: attention over time, ground truth shaded, detections.")
+@click.option("--ground-truth", type=click.Path(exists=True, path_type=Path), default=None,
+              help="ActivityNet JSON or THUMOS14 annotation folder to shade on the --plot PNGs.")
+@click.option("--plot-count", type=int, default=8, show_default=True,
+              help="Plot at most this many videos, those with ground truth first.")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
 def localize_cmd(run_dir, features, out, split, flow_run, theta, class_threshold, segment_threshold, nms_iou,
-                 export, device):
+                 export, plot, ground_truth, plot_count, device):
     """Temporal action detection from a trained attention head: w_i^c = a_i * s_c -> segments."""
     from datp.pool.detect_run import localize_run
 
@@ -484,10 +490,12 @@ def localize_cmd(run_dir, features, out, split, flow_run, theta, class_threshold
     result = localize_run(run_dir, features, out=out, split=split, flow_run=flow_run, theta=theta,
                           class_threshold=class_threshold,
                           segment_threshold=thresholds[0] if len(thresholds) == 1 else thresholds,
-                          nms_iou=nms_iou, export=export, device=device)
+                          nms_iou=nms_iou, export=export, plot=plot, ground_truth=ground_truth,
+                          plot_count=plot_count, device=device)
     count = sum(len(v) for v in result["results"].values())
     click.echo(f"wrote {out}: {count} detections in {len(result['results'])} videos"
-               + (f"; weights in {export}" if export else ""))
+               + (f"; weights in {export}" if export else "")
+               + (f"; {min(plot_count, len(result['results']))} plots in {plot}" if plot else ""))
 
 
 @main.command("eval-detection")

@@ -9,6 +9,8 @@
   checked with hand-made weights.
 - `eval_detection(detections, ground_truth, evaluator=...)` reads both files and runs
   `datp.pool.detection.evaluate_detection`.
+- `plot_videos(...)` draws the attention of a few videos against their ground truth (one PNG each);
+  `localize_run(..., plot=DIR, ground_truth=FILE)` calls it.
 
 Segment times come from the store: segment i of a video covers its first frame `segments/frame` up
 to the next segment's first frame, and the last segment runs to `videos/num_frames`; seconds divide
@@ -17,23 +19,26 @@ by `videos/fps` (`datp.pool.localize.segment_seconds`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from datp.extract.store import FeatureStore
-from datp.pool.detection import (Detection, DetectionResult, evaluate_detection, read_activitynet_predictions,
-                                 read_ground_truth)
+from datp.io.datasets import safe_name
+from datp.pool.detection import (Detection, DetectionResult, GroundTruthSet, evaluate_detection,
+                                 read_activitynet_predictions, read_ground_truth)
 from datp.pool.localize import (class_segment_scores, export_weights, fuse_streams, localize_video,
-                                segment_seconds, to_activitynet_json, write_activitynet_json)
+                                plot_weights_vs_ground_truth, segment_seconds, to_activitynet_json,
+                                write_activitynet_json)
 from datp.pool.train import load_run, predict, run_data, store_summary
 
 # Defaults of `localize_video`, repeated here so that the CLI help and external_data name them.
 CLASS_THRESHOLD = 0.1
 SEGMENT_THRESHOLD = 0.5
 NMS_IOU = 0.5
+PLOT_COUNT = 8  # videos `localize_run` plots by default
 
 
 def _predict_rows(run_dir: str | Path, store: FeatureStore, rows: np.ndarray, *, device: str,
@@ -120,6 +125,51 @@ def localize_arrays(
     return detections, attention
 
 
+def plot_videos(
+    attention: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    detections: Mapping[str, Sequence[Detection]],
+    folder: str | Path,
+    *,
+    ground_truth: GroundTruthSet | None = None,
+    count: int = PLOT_COUNT,
+    curves: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    title: str = "",
+) -> list[Path]:
+    """One PNG per video, `<folder>/<safe_name(video)>.png`: attention over time, ground truth shaded,
+    detections as bars (`plot_weights_vs_ground_truth`).
+
+    Args:
+        attention: video id -> (weights (n,), segment seconds (n, 2)), as `localize_arrays` returns.
+        detections: video id -> its detections.
+        folder: where the PNGs go (created).
+        ground_truth: instances to shade; the videos that have some are plotted first.
+        count: plot at most this many videos (>= 1), in `attention`'s order after that rule.
+        curves: video id -> {name: (n,) weights} drawn instead of the single attention curve (e.g.
+            "rgb", "flow" and "fused").
+        title: text after the video id in each title.
+
+    Returns:
+        The PNGs written, in plotting order.
+    """
+    if count < 1:
+        raise ValueError(f"--plot-count {count} must be >= 1")
+    truth: dict[str, list] = {}
+    for g in (ground_truth.instances if ground_truth is not None else ()):
+        truth.setdefault(g.video, []).append(g)
+    videos = sorted(attention, key=lambda v: v not in truth)[:count]  # stable: store order within each group
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for video in videos:
+        a, times = attention[video]
+        found = list(detections.get(video, ()))
+        heading = f"{video}{': ' + title if title else ''}; {len(found)} detections"
+        written.append(plot_weights_vs_ground_truth((curves or {}).get(video, a), times, truth.get(video, []),
+                                                    folder / f"{safe_name(video)}.png", detections=found,
+                                                    title=heading))
+    return written
+
+
 def localize_run(
     run_dir: str | Path,
     features: str | Path,
@@ -132,6 +182,9 @@ def localize_run(
     segment_threshold: float | Sequence[float] = SEGMENT_THRESHOLD,
     nms_iou: float = NMS_IOU,
     export: str | Path | None = None,
+    plot: str | Path | None = None,
+    ground_truth: str | Path | None = None,
+    plot_count: int = PLOT_COUNT,
     device: str = "cpu",
     batch_size: int = 64,
 ) -> dict:
@@ -150,12 +203,22 @@ def localize_run(
             value or several).
         nms_iou: per-class NMS removes the lower-scored of two detections with a larger tIoU.
         export: also write the attention weights per video (`.json` or `.csv`, `export_weights`).
+        plot: a folder for one PNG per video of the attention against the ground truth (`plot_videos`).
+        ground_truth: ActivityNet JSON or THUMOS14 annotation folder shaded on the plots (optional; every
+            subset of a JSON is read, a THUMOS14 folder must hold one subset).
+        plot_count: plot at most this many videos, those with ground truth first.
         device: where the heads run.
         batch_size: videos per forward pass.
 
     Returns:
         The results dict written to `out` (`{"version", "results", "external_data"}`).
     """
+    if ground_truth is not None and plot is None:
+        raise ValueError(f"--ground-truth {ground_truth} is drawn on the attention plots; pass --plot DIR too "
+                         "(datp eval-detection scores detections)")
+    if plot is not None and plot_count < 1:
+        raise ValueError(f"--plot-count {plot_count} must be >= 1")
+    truth = read_ground_truth(ground_truth) if ground_truth is not None else None  # fail before the work
     with FeatureStore(features) as store:
         rows = store.indices(split)
         if not len(rows):
@@ -187,6 +250,13 @@ def localize_run(
     write_activitynet_json(detections, out, external_data=external)
     if export is not None:
         export_weights(attention, export)
+    if plot is not None:
+        curves = None
+        if flow is not None:  # each stream's attention and the fused one
+            curves = {v: {"rgb": p["weights"][i, p["mask"][i]], "flow": flow[0][i, p["mask"][i]],
+                          "fused": attention[v][0]} for i, v in enumerate(ids)}
+        plot_videos(attention, detections, plot, ground_truth=truth, count=plot_count, curves=curves,
+                    title=f"{p['head']} ({p['stream']})" + (f" + flow run, theta {theta:g}" if flow else ""))
     return to_activitynet_json(detections, external_data=external)
 
 

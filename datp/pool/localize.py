@@ -29,6 +29,9 @@ from torchvision.ops import batched_nms
 from datp.pool.detection import Detection, GroundTruth
 
 ACTIVITYNET_VERSION = "VERSION 1.3"
+# Curve colours of the weight plots: matplotlib's cycle without green (the ground truth shading) and
+# red (the detections), so that neither can be mistaken for a curve.
+CURVE_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
 def _numpy(x, name: str, ndim: int) -> np.ndarray:
@@ -305,7 +308,8 @@ def plot_weights_vs_ground_truth(
         segment_times: (N, 2) [start, end] seconds; each weight is drawn flat over its segment.
         ground_truth: the video's ground truth instances (shaded in green, labelled).
         path: the PNG file.
-        detections: optional detections, drawn as red bars under the curve.
+        detections: optional detections, drawn as red bars under the curves, one row per class,
+            each labelled with its class and score.
         title: the plot title.
 
     Returns:
@@ -323,14 +327,19 @@ def plot_weights_vs_ground_truth(
     for g in ground_truth:
         ax.axvspan(g.start, g.end, color="tab:green", alpha=0.25, linewidth=0)
         ax.text((g.start + g.end) / 2, 1.0, g.label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
-    for name, values in curves.items():
+    top = 0.0
+    for k, (name, values) in enumerate(curves.items()):
         a = _numpy(values, f"weights {name!r}", 1)
         if len(a) != len(times):
             raise ValueError(f"weights {name!r} has {len(a)} values for {len(times)} segments")
         x = np.stack([times[:, 0], times[:, 1]], axis=1).ravel()  # each weight flat over its segment
-        ax.plot(x, np.repeat(a, 2), label=name)
-    for d in detections:
-        ax.plot([d.start, d.end], [0, 0], color="tab:red", linewidth=4, solid_capstyle="butt")
+        ax.plot(x, np.repeat(a, 2), label=name, color=CURVE_COLORS[k % len(CURVE_COLORS)])
+        top = max(top, float(a.max(initial=0.0)))
+    labels = sorted({d.label for d in detections})
+    for d in detections:  # row r of class labels[r] sits at -(r + 1) * 8% of the highest weight
+        y = -(labels.index(d.label) + 1) * 0.08 * (top or 1.0)
+        ax.plot([d.start, d.end], [y, y], color="tab:red", linewidth=4, solid_capstyle="butt")
+        ax.text(d.start, y, f" {d.label} {d.score:.2f}", fontsize=7, va="bottom", ha="left")
     if len(times):
         ax.set_xlim(times[:, 0].min(), times[:, 1].max())
     ax.set_xlabel("time (s)")

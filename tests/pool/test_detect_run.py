@@ -12,9 +12,14 @@ import json
 import numpy as np
 import pytest
 
+from click.testing import CliRunner
+
+from datp.cli import main
 from datp.extract.store import VideoFeatures, VideoRow, base_attrs, write_features
-from datp.pool.detect_run import eval_detection, localize_arrays, localize_run
-from datp.pool.detection import evaluate_detection, read_activitynet_ground_truth, read_activitynet_predictions
+from datp.io.datasets import safe_name
+from datp.pool.detect_run import eval_detection, localize_arrays, localize_run, plot_videos
+from datp.pool.detection import (GroundTruth, GroundTruthSet, evaluate_detection, read_activitynet_ground_truth,
+                                 read_activitynet_predictions)
 from datp.pool.localize import read_weights
 from datp.pool.train import HeadConfig, predict_run, train_head
 from datp.synth import SynthConfig, generate
@@ -177,3 +182,59 @@ def test_fusion_by_hand():
     assert np.allclose(att, [0.05, 0.45, 0.1, 0.4])
     with pytest.raises(ValueError, match="fps"):
         localize_arrays(rgb_w, rgb_s, mask, frames, **(kwargs | {"fps": [0.0]}))
+
+
+# ---------------------------------------------------------------- attention plots
+
+
+def green_pixels(png) -> int:
+    """Pixels of the ground truth shading (tab:green at alpha 0.25 on white); no other element is green."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)  # (H, W, 4) floats in [0, 1]
+    assert image.shape == (300, 1000, 4), f"{png}: {image.shape}"  # 10 x 3 inches at 100 dpi
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    return int(((g > r + 0.08) & (g > b + 0.08)).sum())
+
+
+def test_localize_run_plots_attention_against_ground_truth(untrimmed, tmp_path):
+    synth, store, events, run = untrimmed
+    test_ids = [v for v, info in events.items() if info["split"] == "test"]  # store order
+    localize_run(run, store, out=tmp_path / "d.json", split="test", plot=tmp_path / "gt",
+                 ground_truth=synth / "ground_truth.json", plot_count=3)
+    pngs = sorted(p.name for p in (tmp_path / "gt").iterdir())
+    assert pngs == sorted(f"{safe_name(v)}.png" for v in test_ids[:3]), pngs  # ids hold '/': safe names
+    shaded = [green_pixels(tmp_path / "gt" / name) for name in pngs]
+    assert all(n > 1000 for n in shaded), f"ground truth shading missing: green pixels {shaded}"
+
+    # Without ground truth: the default count, nothing shaded; a flow run adds rgb/flow/fused curves.
+    localize_run(run, store, out=tmp_path / "e.json", split="test", plot=tmp_path / "plain", flow_run=run)
+    plain = sorted((tmp_path / "plain").iterdir())
+    assert len(plain) == min(8, len(test_ids)), [p.name for p in plain]
+    assert [green_pixels(p) for p in plain] == [0] * len(plain)
+
+    with pytest.raises(ValueError, match="is drawn on the attention plots; pass --plot DIR too"):
+        localize_run(run, store, out=tmp_path / "f.json", ground_truth=synth / "ground_truth.json")
+    with pytest.raises(ValueError, match="--plot-count 0 must be >= 1"):
+        localize_run(run, store, out=tmp_path / "f.json", plot=tmp_path / "none", plot_count=0)
+
+
+def test_plot_videos_puts_videos_with_ground_truth_first(tmp_path):
+    times = np.array([[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]])
+    attention = {"plain": (np.array([0.1, 0.9, 0.2]), times), "a/b c": (np.array([0.5, 0.5, 0.1]), times)}
+    truth = GroundTruthSet((GroundTruth("a/b c", "jump", 0.5, 1.5),))
+    written = plot_videos(attention, {}, tmp_path, ground_truth=truth, count=1)
+    assert [p.name for p in written] == ["a%2Fb%20c.png"] and green_pixels(written[0]) > 1000
+    written = plot_videos(attention, {}, tmp_path / "all", count=5)
+    assert [p.name for p in written] == ["plain.png", "a%2Fb%20c.png"]
+
+
+def test_localize_cli_writes_plots(untrimmed, tmp_path):
+    synth, store, events, run = untrimmed
+    args = ["localize", str(run), str(store), "--out", str(tmp_path / "d.json"), "--split", "test",
+            "--plot", str(tmp_path / "plots"), "--ground-truth", str(synth / "ground_truth.json"), "--plot-count", "2"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "; 2 plots in " in result.output and len(list((tmp_path / "plots").glob("*.png"))) == 2
+    bad = CliRunner().invoke(main, [a for a in args if a not in ("--plot", str(tmp_path / "plots"))])
+    assert bad.exit_code == 2 and bad.output.startswith("datp: error: --ground-truth "), bad.output
