@@ -200,7 +200,8 @@ def test_mismatched_stores_and_settings_give_one_line(pair, tmp_path):
         train_head(config(untrimmed, tmp_path / "r", transfer_from=str(wide), mmd_weight=1.0), progress=False)
     message = str(err.value)
     assert "\n" not in message and str(wide) in message and str(untrimmed) in message, message
-    assert "has 16-channel rgb features but" in message and "has 8; extract both stores with the same backbone" in message
+    assert "has 16-channel rgb features but" in message, message
+    assert "has 8; extract both stores with the same backbone" in message, message
 
     flow_only = write_trimmed(tmp_path / "flow.h5", streams=("flow",))
     with pytest.raises(ValueError, match=r"flow.h5 has no 'rgb/conv' but .*untrimmed.h5 is trained on rgb; extract"):
