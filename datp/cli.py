@@ -237,6 +237,9 @@ def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams,
 @click.option("--beta", type=float, default=0.0, show_default=True,
               help="self-attn sparsity weight (acts with sigmoid attention).")
 @click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--standardize/--no-standardize", default=True, show_default=True,
+              help="Standardise each conv channel with the train videos' mean and std (saved in the "
+              "checkpoint); frozen backbones' channels differ in scale by orders of magnitude.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-ram-gb", type=float, default=8.0, show_default=True,
               help="Load the features into RAM under this size, else stream them from the store.")
@@ -251,7 +254,7 @@ def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams,
 @user_errors
 def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_decay, seed,
                    val_fraction, score_source, datp_input, gaussians, generator, pooled_scores,
-                   hidden, attn_hidden, attention, alpha, beta, dropout, device, max_ram_gb,
+                   hidden, attn_hidden, attention, alpha, beta, dropout, standardize, device, max_ram_gb,
                    transfer_from, mmd_weight, quiet):
     """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
 
@@ -264,8 +267,8 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
                      seed=seed, val_fraction=val_fraction, score_source=score_source,
                      datp_input=datp_input, gaussians=gaussians, generator=generator,
                      pooled_scores=pooled_scores, hidden=hidden, attn_hidden=attn_hidden,
-                     attention=attention, alpha=alpha, beta=beta, dropout=dropout, device=device,
-                     max_ram_gb=max_ram_gb,
+                     attention=attention, alpha=alpha, beta=beta, dropout=dropout,
+                     standardize=standardize, device=device, max_ram_gb=max_ram_gb,
                      transfer_from=str(transfer_from) if transfer_from else None,
                      mmd_weight=mmd_weight)
     train_head(cfg, progress=not quiet)

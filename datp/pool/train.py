@@ -15,6 +15,10 @@ before the chosen state is fixed.
   conv maps as float16 (the store's own precision, so nothing is lost), when they need at most
   `max_ram_gb`; otherwise every batch is read from the HDF5 store with `FeatureStore.load`, the
   next batch in a background thread while the current one trains. Both give the same numbers.
+- Standardisation (`standardize`, on by default): each conv channel is standardised with its mean and
+  std over the training videos' real segments (`ChannelNorm`); the statistics go into the checkpoint
+  and every later reader (`load_run`, `run_data`) applies them, so evaluate/localize see what
+  training saw.
 - Optimiser: Adam on `heads.param_groups(head, lr)` (DATP's auxiliary net gets a 10x smaller step),
   with `weight_decay`. Loss: cross-entropy, plus `alpha` (smoothness) and `beta` (sparsity) times
   `SelfAttnHead.regularizer` for self-attn. Heads without parameters (avg/max on cached scores) are
@@ -34,7 +38,8 @@ RUN_DIR (overwritten file by file, each written atomically):
   summary and videos, mmd_weight, bandwidth rule, row cap and fc1's name; "versions": datp, torch,
   python}.
 - checkpoint.pt: {"datp_head_checkpoint": 1, "head", "head_options" (all constructor kwargs),
-  "state_dict", "class_names", "stream", "config"}: plain types, `torch.load(weights_only=True)`.
+  "state_dict", "class_names", "stream", "config", "input_norm" ({stream: {"mean", "std"}} (Cf,)
+  tensors of `ChannelNorm`, or None)}: plain types, `torch.load(weights_only=True)`.
 - metrics.json: test top1, top5, mean_class_accuracy, per_class_accuracy {name: acc}, videos;
   best_epoch (1-based; 0 when nothing was trained), best_val, history (per epoch: train_loss,
   with transfer mmd (the mean unweighted transfer term), val_loss, val_top1), timing (seconds and
@@ -109,6 +114,9 @@ class HeadConfig:
         attention: self-attn's "softmax" or "sigmoid" attention.
         alpha, beta: self-attn's smoothness and sparsity weights (TSRNet's regulariser).
         dropout: dropout before the classifier(s).
+        standardize: standardise each conv channel with its mean and std over the training videos'
+            real segments before the head (`ChannelNorm`; saved in the checkpoint and applied to every
+            later input). Off: the features as stored.
         device: "auto" (cuda when available), "cpu", "cuda" or "cuda:K".
         max_ram_gb: load the needed arrays into RAM when they need at most this many GiB, else
             stream batches from the store (0: always stream).
@@ -139,6 +147,7 @@ class HeadConfig:
     alpha: float = 0.0
     beta: float = 0.0
     dropout: float = 0.0
+    standardize: bool = True
     device: str = "auto"
     max_ram_gb: float = 8.0
     transfer_from: str | None = None
@@ -262,11 +271,14 @@ class SegmentData:
         pad_to: N segment slots of every batch.
         max_ram_gb: hold everything in RAM (conv maps as float16) when it needs at most this.
         progress: show a bar while filling RAM.
+        norm: {stream: ChannelNorm} standardising the conv maps of every served batch (None: as stored);
+            may also be set later with `self.norm = ...` (train_head computes it from this data's rows).
     """
 
     def __init__(self, store: FeatureStore, rows: Sequence[int], *, streams: Sequence[str], conv: bool,
-                 pad_to: int, max_ram_gb: float, progress: bool = False):
+                 pad_to: int, max_ram_gb: float, progress: bool = False, norm: dict | None = None):
         self.store, self.streams, self.conv, self.pad_to = store, tuple(streams), conv, pad_to
+        self.norm = norm
         self.rows = np.unique(np.asarray(rows, np.int64))
         self.nbytes = self.bytes_needed(store, len(self.rows), streams=streams, conv=conv, pad_to=pad_to)
         self.in_ram = self.nbytes <= max_ram_gb * 2**30
@@ -308,7 +320,14 @@ class SegmentData:
         bar.close()
 
     def load(self, rows: Sequence[int]) -> Batch:
-        """The videos `rows` (store rows, any order) as a float32 batch in that order."""
+        """The videos `rows` (store rows, any order) as a float32 batch in that order, standardised
+        with `self.norm` when it is set."""
+        batch = self._load(rows)
+        if self.norm is not None and self.conv:
+            batch.conv = {s: self.norm[s](v) for s, v in batch.conv.items()}
+        return batch
+
+    def _load(self, rows: Sequence[int]) -> Batch:
         rows = np.asarray(rows, np.int64)
         if not self.in_ram:
             return self.store.load(rows, streams=self.streams, conv=self.conv, pad_to=self.pad_to)
@@ -334,6 +353,60 @@ class SegmentData:
                 if nxt is not None:
                     pending = pool.submit(self.load, nxt)
                 yield batch
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """Per-channel standardisation of conv maps: `(x - mean[c]) / std[c]`, padded segments kept at 0.
+
+    Frozen backbones give features whose channels differ in scale by orders of magnitude and share a
+    large input-independent offset (a randomly initialised ResNet's layer4 channels have means of 1-3
+    and standard deviations of 0.01-1): the small class-dependent part is then slow to find for Adam
+    on a few hundred videos. Standardising with the training videos' statistics, as any linear probe
+    does, fixes that; the statistics are saved in the checkpoint and applied to every later input.
+
+    Attributes:
+        mean: (Cf,) float32 mean of each channel over the training videos' real segments and positions.
+        std: (Cf,) float32 standard deviation of each channel (floored at 1e-6).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, conv: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, N, Cf, ...) or (B, N, Cf) conv features -> standardised, same shape."""
+        if conv is None:
+            return None
+        shape = (-1,) + (1,) * (conv.dim() - 3)  # broadcast over the spatial dims, if any
+        return (conv - self.mean.view(shape)) / self.std.view(shape)
+
+    @classmethod
+    def fit(cls, data: SegmentData, rows: Sequence[int], stream: str, *, batch_size: int = 64) -> ChannelNorm:
+        """Mean and std of `stream`'s channels over the real segments (all positions) of `rows`, in float64."""
+        total = total_sq = None
+        count = 0
+        norm, data.norm = data.norm, None  # statistics of the raw features
+        try:
+            for batch in data.batches(np.asarray(rows, np.int64), batch_size):
+                x = batch.conv[stream][batch.mask].double()  # (S, Cf, ...)
+                x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (Cf, S * positions)
+                total = x.sum(1) if total is None else total + x.sum(1)
+                total_sq = (x * x).sum(1) if total_sq is None else total_sq + (x * x).sum(1)
+                count += x.shape[1]
+        finally:
+            data.norm = norm
+        if not count:
+            raise ValueError(f"no real segments of stream {stream!r} to standardise with; extract features first")
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        return cls(mean.float(), std.float())
+
+    def state(self) -> dict:
+        return {"mean": self.mean.clone(), "std": self.std.clone()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ChannelNorm:
+        return cls(state["mean"].float(), state["std"].float())
 
 
 def head_input(batch: Batch, streams: Sequence[str], device: torch.device, joint: bool):
@@ -575,8 +648,15 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
             trimmed = stack.enter_context(FeatureStore(cfg.transfer_from))
             transfer, transfer_info = open_transfer(cfg, store, trimmed, streams=streams, max_ram_gb=left,
                                                     progress=progress)
+        norm = None
+        if conv and cfg.standardize:
+            norm = {s: ChannelNorm.fit(data, train_rows, s, batch_size=max(cfg.batch_size, LOAD_BLOCK)) for s in streams}
+            data.norm = norm
+            if transfer is not None:  # the trimmed features pass through the same standardisation
+                transfer.data.norm = norm
         resolved = {"score_source": score_source, "head_options": options, "streams": list(streams),
                     "num_classes": C, "num_segments": pad_to, "conv_loaded": conv,
+                    "standardized": None if norm is None else "per conv channel, statistics of the train rows",
                     "data": "ram" if data.in_ram else "streamed", "data_gib": data.nbytes / 2**30,
                     "device": str(device)}
         config = {"config": asdict(cfg), "resolved": resolved, "store": store_summary(store), "split": split_info,
@@ -640,7 +720,8 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
 
     checkpoint = {"datp_head_checkpoint": CHECKPOINT_VERSION, "head": cfg.head, "head_options": options,
                   "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-                  "class_names": class_names, "stream": cfg.stream, "config": config}
+                  "class_names": class_names, "stream": cfg.stream, "config": config,
+                  "input_norm": None if norm is None else {s: n.state() for s, n in norm.items()}}
     with atomic_path(out / "checkpoint.pt") as tmp:
         torch.save(checkpoint, tmp)
     _write_json(out / "metrics.json", result)
@@ -672,7 +753,7 @@ class Run:
         head: the module, in eval mode, on the requested device.
         name: head name; stream: "rgb" | "flow" | "both"; streams: the streams it reads.
         class_names, options (constructor kwargs), config (config.json's content), path (RUN_DIR),
-        device (where the head is).
+        device (where the head is), norm ({stream: ChannelNorm} the head's inputs pass through, or None).
     """
 
     head: nn.Module
@@ -684,6 +765,7 @@ class Run:
     config: dict
     path: Path
     device: torch.device
+    norm: dict | None = None
 
     @property
     def score_source(self) -> str | None:
@@ -708,8 +790,10 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Run:
     head.load_state_dict(ckpt["state_dict"])
     device = resolve_device(device) if isinstance(device, str) else device
     stream = ckpt["stream"]
+    norm = ckpt.get("input_norm")
+    norm = None if norm is None else {s: ChannelNorm.from_state(v) for s, v in norm.items()}
     return Run(head.to(device).eval(), ckpt["head"], stream, ("rgb", "flow") if stream == "both" else (stream,),
-               list(ckpt["class_names"]), dict(ckpt["head_options"]), ckpt["config"], Path(run_dir), device)
+               list(ckpt["class_names"]), dict(ckpt["head_options"]), ckpt["config"], Path(run_dir), device, norm)
 
 
 def run_data(run: Run, store: FeatureStore, rows: Sequence[int], *, max_ram_gb: float = 0.0) -> SegmentData:
@@ -738,7 +822,8 @@ def run_data(run: Run, store: FeatureStore, rows: Sequence[int], *, max_ram_gb: 
                              f"{run.options['num_segments']}")
         pad_to = run.options["num_segments"]
     conv = needs_conv(run.name, run.score_source or "linear", run.options.get("input", "conv"))
-    return SegmentData(store, rows, streams=run.streams, conv=conv, pad_to=pad_to, max_ram_gb=max_ram_gb)
+    return SegmentData(store, rows, streams=run.streams, conv=conv, pad_to=pad_to, max_ram_gb=max_ram_gb,
+                       norm=run.norm)
 
 
 def predict_run(run_dir: str | Path, *, features: str | Path | None = None, split: str = "test",

@@ -169,11 +169,13 @@ def test_testing_schemes_by_hand(key_runs):
     assert s["datp"]["videos"] == s["P1"]["videos"] == s["P2"]["videos"] == s["P3"]["videos"] == 256
 
     # P2 and P1 by hand from the checkpoint's segment classifier and the stored features
-    state = torch.load(datp_dir / "checkpoint.pt", weights_only=True)["state_dict"]
+    ckpt = torch.load(datp_dir / "checkpoint.pt", weights_only=True)
+    state, norm = ckpt["state_dict"], ckpt["input_norm"]["rgb"]  # train-head standardises by default
     W, b = state["scores.fc.weight"].double().numpy(), state["scores.fc.bias"].double().numpy()
     with FeatureStore(store) as f:
         batch = f.load(f.indices("test"))
-    pooled = batch.conv["rgb"].double().numpy().mean(axis=(-2, -1))  # (V, N, Cf)
+    conv = (batch.conv["rgb"] - norm["mean"][:, None, None]) / norm["std"][:, None, None]
+    pooled = conv.double().numpy().mean(axis=(-2, -1))  # (V, N, Cf)
     scores = pooled @ W.T + b  # (V, N, C) segment scores I_i
     labels = batch.label.numpy()
     p2 = metrics(scores.mean(axis=1), labels, CLASSES)

@@ -73,11 +73,13 @@ def config(untrimmed, out, **overrides) -> HeadConfig:
     return HeadConfig(**(options | overrides))
 
 
-def all_rows(path, split: str) -> torch.Tensor:
-    """(R, CF) pooled features of every real segment of a store's split."""
+def all_rows(path, split: str, run_dir) -> torch.Tensor:
+    """(R, CF) pooled features of every real segment of a store's split, standardised as the run's
+    head saw them (train-head standardises with the untrimmed train rows' statistics, both sides)."""
     with FeatureStore(path) as store:
         batch = store.load(store.indices(split))
-    return segment_rows(SegmentBatch(conv=batch.conv["rgb"], mask=batch.mask))
+    conv = load_run(run_dir).norm["rgb"](batch.conv["rgb"])
+    return segment_rows(SegmentBatch(conv=conv, mask=batch.mask))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def test_first_step_loss_is_cross_entropy_plus_weighted_term(pair):
     L * transfer_loss(all trimmed rows, all untrimmed rows, initial W_1), which the test recomputes
     (MMD is a function of the two sets, so the runs' row orders do not matter; no cap applies here)."""
     untrimmed, trimmed, off_dir, on_dir, off, on = pair
-    T, U = all_rows(trimmed, "train"), all_rows(untrimmed, "train")
+    T, U = all_rows(trimmed, "train", on_dir), all_rows(untrimmed, "train", on_dir)
     assert len(T) <= MAX_ROWS and len(U) <= MAX_ROWS, (len(T), len(U))
     options = json.loads((on_dir / "config.json").read_text())["resolved"]["head_options"]
     torch.manual_seed(0)
@@ -110,7 +112,9 @@ def test_first_step_loss_is_cross_entropy_plus_weighted_term(pair):
 
 def test_transfer_pulls_fc1_outputs_of_the_two_domains_together(pair):
     untrimmed, trimmed, off_dir, on_dir, off, on = pair
-    T, U = all_rows(trimmed, "train"), all_rows(untrimmed, "train")
+    T, U = all_rows(trimmed, "train", on_dir), all_rows(untrimmed, "train", on_dir)
+    norms = [load_run(d).norm["rgb"] for d in (off_dir, on_dir)]  # same train rows: same statistics
+    assert torch.equal(norms[0].mean, norms[1].mean) and torch.equal(norms[0].std, norms[1].std)
     with torch.no_grad():
         gaps = {name: mmd2(load_run(d).head.W_1(T), load_run(d).head.W_1(U)).item()
                 for name, d in (("off", off_dir), ("on", on_dir))}
