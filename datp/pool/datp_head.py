@@ -141,7 +141,9 @@ def l2_pool_log(scores: Tensor, log_w: Tensor, mask: Tensor) -> tuple[Tensor, Te
 class AuxNet(nn.Module):
     """The auxiliary ConvNet that regresses the weight generator's parameters.
 
-    conv input (B, N, Cf, H, W): a 7x7 conv to 64 channels + ReLU per segment (maps larger than 7x7
+    conv input (B, N, Cf, H, W): a k x k conv to 64 channels + ReLU per segment, k = min(7, map_size):
+    the paper's 7x7 conv over the whole 7x7 map of a ResNet at 224; smaller maps (a ResNet at 112 gives
+    4x4) get a conv over their whole map (maps larger than k x k
     are averaged over the remaining positions), then the temporal part. softmax input (B, N, C):
     the temporal part directly. Temporal part: two convs over segments (kernel 3, zero padding) to
     32 channels + ReLU, fc to `hidden` + ReLU, fc (the regression layer) to `out_features`.
@@ -152,12 +154,15 @@ class AuxNet(nn.Module):
         out_features: number of regressed parameters.
         input: "conv" or "softmax".
         hidden: width of the first fc layer.
+        map_size: H (= W) of the conv maps the head will read (conv input).
     """
 
-    def __init__(self, *, in_channels: int, num_segments: int, out_features: int, input: str, hidden: int):
+    def __init__(self, *, in_channels: int, num_segments: int, out_features: int, input: str, hidden: int,
+                 map_size: int = 7):
         super().__init__()
         self.num_segments = num_segments
-        self.spatial = nn.Conv2d(in_channels, 64, kernel_size=7) if input == "conv" else None
+        self.kernel = min(7, map_size)
+        self.spatial = nn.Conv2d(in_channels, 64, kernel_size=self.kernel) if input == "conv" else None
         width = 64 if input == "conv" else in_channels
         self.temporal = nn.ModuleList([nn.Conv1d(width, 32, 3, padding=1), nn.Conv1d(32, 32, 3, padding=1)])
         self.fc = nn.Linear(32 * num_segments, hidden)
@@ -175,9 +180,11 @@ class AuxNet(nn.Module):
         """
         B, N = mask.shape
         if self.spatial is not None:
-            if x.dim() != 5 or x.shape[-1] < 7 or x.shape[-2] < 7:
-                raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>=7, W>=7) conv maps, got "
-                                 f"shape {tuple(x.shape)}; store unpooled conv features or use input='softmax'")
+            k = self.kernel
+            if x.dim() != 5 or x.shape[-1] < k or x.shape[-2] < k:
+                raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>={k}, W>={k}) conv maps, got "
+                                 f"shape {tuple(x.shape)}; store unpooled conv features, build the head with "
+                                 "map_size=H, or use input='softmax'")
             x = x.masked_fill(~mask[..., None, None, None], 0.0)
             h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-6, W-6)
             x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
@@ -205,6 +212,8 @@ class DATPHead(nn.Module):
         pooled_scores: I_i are segment "logits" (default) or "probs".
         score_source: segment scores from "cached" logits or a "linear" classifier on conv features.
         hidden: width of the auxiliary net's first fc layer.
+        map_size: H (= W) of the conv maps (7 for ResNets at 224); the auxiliary net's spatial conv
+            covers min(7, map_size) positions.
         dropout: dropout before the linear segment classifier.
         init_variance: sigma_k^2 at initialisation (the paper's 0.2).
         min_sigma: lower bound of sigma_k.
@@ -220,7 +229,7 @@ class DATPHead(nn.Module):
 
     def __init__(self, *, num_classes: int, num_segments: int, in_channels: int = 512, input: str = "conv",
                  generator: str = "mog", num_gaussians: int = 2, pooled_scores: str = "logits",
-                 score_source: str = "linear", hidden: int = 128, dropout: float = 0.0,
+                 score_source: str = "linear", hidden: int = 128, map_size: int = 7, dropout: float = 0.0,
                  init_variance: float = 0.2, min_sigma: float = 0.01):
         super().__init__()
         for name, value, choices in (("input", input, DATP_INPUTS), ("generator", generator, GENERATORS),
@@ -244,7 +253,7 @@ class DATPHead(nn.Module):
         K = num_gaussians
         self.aux = AuxNet(in_channels=in_channels if input == "conv" else num_classes,
                           num_segments=num_segments, out_features=3 * K if generator == "mog" else num_segments,
-                          input=input, hidden=hidden)
+                          input=input, hidden=hidden, map_size=map_size)
         # Start from the same weights for every input, as spatial transformers start at identity.
         nn.init.zeros_(self.aux.regress.weight)
         with torch.no_grad():

@@ -578,7 +578,7 @@ def open_transfer(cfg: HeadConfig, store: FeatureStore, trimmed: FeatureStore, *
 
 
 def head_options(cfg: HeadConfig, *, score_source: str, num_classes: int, num_segments: int,
-                 in_channels) -> dict:
+                 in_channels, map_size: int | None = None) -> dict:
     """Every constructor keyword argument of the head `cfg.head` (what the checkpoint stores)."""
     opts = {"num_classes": num_classes, "num_segments": num_segments, "in_channels": in_channels,
             "dropout": cfg.dropout}
@@ -587,6 +587,8 @@ def head_options(cfg: HeadConfig, *, score_source: str, num_classes: int, num_se
     if cfg.head == "datp":
         opts |= {"input": cfg.datp_input, "generator": cfg.generator, "num_gaussians": cfg.gaussians,
                  "pooled_scores": cfg.pooled_scores}
+        if map_size is not None:
+            opts["map_size"] = map_size
     elif cfg.head == "lstm-attn":
         opts["hidden"] = cfg.hidden
     elif cfg.head == "self-attn":
@@ -633,8 +635,10 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
         every = np.concatenate([train_rows, val_rows, test_rows])
         pad_to = int(store.lengths(every).max())
         in_channels = {s: store.conv_shape(s)[0] for s in streams}
+        shape = store.conv_shape(streams[0])
         options = head_options(cfg, score_source=score_source, num_classes=C, num_segments=pad_to,
-                               in_channels=in_channels if cfg.head == "joint-attn" else in_channels[streams[0]])
+                               in_channels=in_channels if cfg.head == "joint-attn" else in_channels[streams[0]],
+                               map_size=int(shape[-1]) if len(shape) == 3 else None)
         conv = needs_conv(cfg.head, score_source, cfg.datp_input)
         # Test rows join the RAM copy only so that the final test does not read the store again.
         data = SegmentData(store, every, streams=streams, conv=conv, pad_to=pad_to, max_ram_gb=cfg.max_ram_gb,

@@ -205,6 +205,21 @@ def test_too_many_segments_and_small_maps_are_clear_errors(make_batch):
         head(make_batch(n=6))
     with pytest.raises(ValueError, match=r"needs \(B, N, Cf, H>=7, W>=7\) conv maps, got shape \(2, 5, 8, 5, 5\)"):
         head(make_batch(size=5))
+
+
+def test_small_maps_get_a_conv_over_the_whole_map(make_batch):
+    """map_size=4 (a ResNet at 112): the spatial conv is 4x4, so its output at the one position is the
+    full contraction of the map with each filter, computed here by hand."""
+    head = datp(map_size=4)
+    assert head.aux.spatial.kernel_size == (4, 4)
+    x = make_batch(size=4, dtype=torch.float64)
+    out = head(x)
+    assert out.weights.shape == (B, N) and torch.isfinite(out.logits).all()
+    conv = head.aux.spatial
+    by_hand = torch.einsum("bnchw,ochw->bno", x.conv, conv.weight) + conv.bias
+    got = conv(x.conv.flatten(0, 1)).view(B, N, -1)
+    assert (got - by_hand).abs().max() < 1e-10
+    assert datp().aux.spatial.kernel_size == (7, 7) and datp(map_size=9).aux.spatial.kernel_size == (7, 7)
     with pytest.raises(ValueError, match="input='conv' needs SegmentBatch.conv"):
         head(SegmentBatch(logits=torch.zeros(B, N, C, dtype=torch.float64)))
 
