@@ -186,8 +186,14 @@ class AuxNet(nn.Module):
                                  f"shape {tuple(x.shape)}; store unpooled conv features, build the head with "
                                  "map_size=H, or use input='softmax'")
             x = x.masked_fill(~mask[..., None, None, None], 0.0)
-            h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-6, W-6)
-            x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
+            if x.shape[-2:] == (k, k):
+                # A conv whose kernel covers the whole map is one matrix product with the flattened map;
+                # as a GEMM it runs ~10x faster on CPU than the convolution (same numbers up to rounding).
+                w = self.spatial.weight.flatten(1)  # (64, Cf*k*k)
+                x = F.relu(F.linear(x.flatten(2), w, self.spatial.bias))  # (B, N, 64)
+            else:
+                h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-k+1, W-k+1)
+                x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
         h = x.masked_fill(~mask[..., None], 0.0).transpose(1, 2)  # (B, width, N)
         slots = F.pad(mask, (0, self.num_segments - N), value=False)  # (B, S)
         h = F.pad(h, (0, self.num_segments - N))  # (B, width, S): short inputs fill the first slots

@@ -220,6 +220,20 @@ def test_small_maps_get_a_conv_over_the_whole_map(make_batch):
     got = conv(x.conv.flatten(0, 1)).view(B, N, -1)
     assert (got - by_hand).abs().max() < 1e-10
     assert datp().aux.spatial.kernel_size == (7, 7) and datp(map_size=9).aux.spatial.kernel_size == (7, 7)
+
+
+def test_whole_map_matrix_product_equals_the_convolution(make_batch):
+    """AuxNet computes a whole-map conv as one matrix product; it must equal nn.Conv2d's output."""
+    head = datp()
+    x = make_batch(size=7, dtype=torch.float64)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    fast = head.aux(x.conv, mask)
+    head.aux.kernel = -1  # a kernel that never equals the map: forces the convolution path
+    try:
+        slow = head.aux(x.conv, mask)
+    finally:
+        head.aux.kernel = 7
+    assert (fast - slow).abs().max() < 1e-10, (fast - slow).abs().max()
     with pytest.raises(ValueError, match="input='conv' needs SegmentBatch.conv"):
         head(SegmentBatch(logits=torch.zeros(B, N, C, dtype=torch.float64)))
 
