@@ -433,8 +433,9 @@ def synth_cmd(out, classes, train_per_class, test_per_class, size, fps, duration
 
 @main.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default="datp-demo", show_default=True)
-@click.option("--reduced", is_flag=True, help="A smaller run (CI): 3 classes, avg and datp only.")
-@click.option("--epochs", type=int, default=None, help="Head training epochs.")
+@click.option("--reduced", is_flag=True,
+              help="A smaller run (CI): 20 train / 8 test videos per class, avg and datp-mog1 only.")
+@click.option("--epochs", type=int, default=None, help="Head training epochs (default 100).")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
