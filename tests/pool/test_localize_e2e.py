@@ -88,7 +88,8 @@ def test_localize_on_extracted_features_beats_chance(localized):
     rolled = chance_map(run, store, truth, how="roll")
     print(f"mAP@0.5 anet {anet.map[0]:.3f} (average 0.5:0.95 {anet.average_map:.3f}), thumos14 {thumos.map[0]:.3f}; "
           f"attention shuffled {shuffled:.3f}, rolled {rolled:.3f}")
-    # Measured (2-core CPU): 0.37 to 0.54 over two data seeds x two training seeds; chance <= 0.03.
+    # Measured (2-core CPU): 0.54 here, 0.37 to 0.54 over two data seeds x two head seeds (shuffled <= 0.02);
+    # rolled 0.10 here.
     assert anet.map[0] >= 0.25, f"anet mAP@0.5 {anet.map[0]:.3f} (shuffled {shuffled:.3f}, rolled {rolled:.3f})"
     assert anet.map[0] >= max(shuffled, rolled) + 0.2, \
         f"anet mAP@0.5 {anet.map[0]:.3f} is not clearly above chance: shuffled {shuffled:.3f}, rolled {rolled:.3f}"
