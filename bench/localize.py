@@ -34,6 +34,7 @@ Run: python bench/localize.py [--out /tmp/datp-localize] [--classes 4] [--train-
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datp.extract.store import FeatureStore  # noqa: E402
-from datp.pool.detect_run import eval_detection, localize_arrays  # noqa: E402
+from datp.pool.detect_run import eval_detection, localize_arrays, shown_frames  # noqa: E402
 from datp.pool.detection import ANET_THRESHOLDS, evaluate_detection, read_activitynet_ground_truth  # noqa: E402
 from datp.pool.localize import fuse_streams  # noqa: E402
 from datp.pool.train import predict_run  # noqa: E402
@@ -75,6 +76,7 @@ def scores(run: Path, store: Path, flow_run: Path | None) -> dict:
     q = predict_run(flow_run, features=store, split="test") if flow_run is not None else None
     with FeatureStore(store) as s:
         p["num_frames"], p["fps"] = s.num_frames[p["rows"]], s.fps[p["rows"]]
+        p["frame"] = shown_frames(p["frame"], json.loads(s.attrs["new_length"]))  # as localize_run times them
     p["flow"] = (q["weights"], q["logits"]) if q is not None else None
     probs = softmax(p["logits"]) if q is None else fuse_streams(softmax(p["logits"]), softmax(q["logits"]))
     p["top1"] = float(np.mean(probs.argmax(1) == p["labels"]))  # of the video scores localize uses

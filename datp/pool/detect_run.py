@@ -12,13 +12,17 @@
 - `plot_videos(...)` draws the attention of a few videos against their ground truth (one PNG each);
   `localize_run(..., plot=DIR, ground_truth=FILE)` calls it.
 
-Segment times come from the store: segment i of a video covers its first frame `segments/frame` up
-to the next segment's first frame, and the last segment runs to `videos/num_frames`; seconds divide
-by `videos/fps` (`datp.pool.localize.segment_seconds`).
+Segment times come from the store: segment i of a video covers the frame it shows up to the next
+segment's, the first segment starts at frame 0 and the last runs to `videos/num_frames`; seconds
+divide by `videos/fps` (`datp.pool.localize.segment_seconds`). A segment shows `segments/frame` in an
+RGB-only store, and `segments/frame + L // 2` in a store with the flow stream, whose segments read
+flow pairs `start .. start + L - 1` and the RGB frame `start + L // 2` (`datp.extract.features`;
+`shown_frames`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -49,6 +53,28 @@ def _predict_rows(run_dir: str | Path, store: FeatureStore, rows: np.ndarray, *,
     p = predict(run.head, data, rows, batch_size=batch_size, device=run.device)
     p["head"], p["stream"] = run.name, run.stream
     return p, run.class_names
+
+
+def shown_frames(frames: np.ndarray, new_length: Mapping[str, int]) -> np.ndarray:
+    """The frame each segment shows, from the store's `segments/frame` and its `new_length` attribute.
+
+    With the flow stream, segment k of `datp extract-features` reads flow pairs `start_k .. start_k + L - 1`
+    (frames `start_k .. start_k + L`) and the RGB frame `start_k + L // 2`, and `segments/frame` holds
+    `start_k`: both streams show `start_k + L // 2`. Timing the segments from `start_k` would put every
+    detection L // 2 frames early. Without flow the RGB frame is `start_k` itself.
+
+    Args:
+        frames: (V, N) `segments/frame` of V videos (padded positions pass through shifted).
+        new_length: the store's {stream: L}.
+
+    Returns:
+        (V, N) int64 first frames for `segment_seconds`: `frames + L // 2` with the flow stream (L =
+        new_length["flow"]), `frames` without; the first segment of each video starts at 0 either way,
+        so the segments still tile the video (segment 0 reads the video's first frames).
+    """
+    shown = np.array(frames, dtype=np.int64) + (int(new_length["flow"]) // 2 if "flow" in new_length else 0)
+    shown[:, 0] = 0
+    return shown
 
 
 def localize_arrays(
@@ -234,9 +260,10 @@ def localize_run(
             flow = (q["weights"], q["logits"])
         ids = [store.ids[i] for i in p["rows"]]
         num_frames, fps = store.num_frames[p["rows"]], store.fps[p["rows"]]
+        frames = shown_frames(p["frame"], json.loads(store.attrs["new_length"]))
         summary = store_summary(store)
     detections, attention = localize_arrays(
-        p["weights"], p["logits"], p["mask"], p["frame"], ids=ids, num_frames=num_frames, fps=fps,
+        p["weights"], p["logits"], p["mask"], frames, ids=ids, num_frames=num_frames, fps=fps,
         class_names=class_names, flow=flow, theta=theta, class_threshold=class_threshold,
         segment_threshold=segment_threshold, nms_iou=nms_iou)
     settings = {"theta": theta if flow_run is not None else None, "class_threshold": class_threshold,

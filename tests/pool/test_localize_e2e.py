@@ -6,10 +6,15 @@ randomly initialised ResNet-18 on the decoded videos, so the head has to find th
 backbone sees. Chance is the same run's video scores with each video's attention shuffled over its
 segments, or rolled by a random offset (same runs of high weight, moved in time). bench/localize.py
 is the larger version.
+
+`shown_frames` (when a segment of a two-stream store happens) is checked here too: found by this
+pipeline with the flow stream, where timing segments from their first flow pair put every detection
+L // 2 frames early.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +24,12 @@ import torch
 from click.testing import CliRunner
 
 from datp.cli import main
-from datp.extract.store import FeatureStore
+from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
 from datp.io.datasets import safe_name
-from datp.pool.detect_run import eval_detection, localize_arrays
+from datp.pool.detect_run import eval_detection, localize_arrays, localize_run, shown_frames
 from datp.pool.detection import evaluate_detection, read_activitynet_ground_truth
-from datp.pool.train import predict_run
+from datp.pool.localize import read_weights
+from datp.pool.train import HeadConfig, predict_run, train_head
 from datp.synth import SynthConfig, generate
 
 # 3 classes, 8 + 4 videos per class of 10-14 s at 5 fps (50-70 frames), 1-2 events of 10 frames (2 s).
@@ -62,6 +68,7 @@ def chance_map(run: Path, store: Path, truth, *, how: str, repeats: int = 5, see
     p = predict_run(run, features=store, split="test")
     with FeatureStore(store) as s:
         num_frames, fps = s.num_frames[p["rows"]], s.fps[p["rows"]]
+        frames = shown_frames(p["frame"], json.loads(s.attrs["new_length"]))  # as localize_run times them
     rng = np.random.default_rng(seed)
     maps = []
     for _ in range(repeats):
@@ -69,7 +76,7 @@ def chance_map(run: Path, store: Path, truth, *, how: str, repeats: int = 5, see
         for i, real in enumerate(p["mask"]):
             a = weights[i, real]
             weights[i, real] = rng.permutation(a) if how == "shuffle" else np.roll(a, rng.integers(1, len(a)))
-        found, _ = localize_arrays(weights, p["logits"], p["mask"], p["frame"], ids=p["ids"], num_frames=num_frames,
+        found, _ = localize_arrays(weights, p["logits"], p["mask"], frames, ids=p["ids"], num_frames=num_frames,
                                    fps=fps, class_names=p["class_names"])
         result = evaluate_detection([d for ds in found.values() for d in ds], truth, evaluator="anet",
                                     tiou_thresholds=[0.5])
@@ -107,3 +114,41 @@ def test_eval_detection_cli_and_plots(localized):
     with FeatureStore(store) as s:
         test_ids = [s.ids[i] for i in s.indices("test")]
     assert sorted(p.name for p in plots.iterdir()) == sorted(f"{safe_name(v)}.png" for v in test_ids[:PLOTS])
+
+
+def test_shown_frames_by_hand():
+    frames = np.array([[0, 2, 4, 6], [0, 3, 0, 0]])  # second video: 2 segments, then padding
+    got = shown_frames(frames, {"rgb": 1, "flow": 5})  # flow: pairs start..start+4, RGB frame start+2
+    assert got.tolist() == [[0, 4, 6, 8], [0, 5, 2, 2]], got
+    assert shown_frames(frames, {"rgb": 1}).tolist() == frames.tolist()  # RGB alone: the frame itself
+    assert shown_frames(np.array([[3, 5]]), {"rgb": 1}).tolist() == [[0, 5]]  # the first starts at 0
+    assert frames.tolist() == [[0, 2, 4, 6], [0, 3, 0, 0]]  # input unchanged
+
+
+@pytest.mark.parametrize("streams", [("rgb",), ("rgb", "flow")])
+def test_localize_run_times_segments_by_the_frame_they_show(tmp_path, streams):
+    """Two-stream stores hold the first flow pair of each segment; localize times segments from the
+    frame both streams show (start + L // 2), RGB-only stores from the frame itself."""
+    L, S, fps, T = 5, 3, 10.0, 20
+    starts = np.arange(0, T - 1 - L + 1, S)  # extract-features with flow: 0, 3, ..., 12 in T - 1 pairs
+    rng = np.random.default_rng(0)
+    rows, feats = [], {}
+    for i, split in enumerate(["train", "train", "test"]):
+        video = f"v{i}"
+        rows.append(VideoRow(video, i % 2, split, T, fps))
+        parts = {s: (rng.standard_normal((len(starts), 4, 2, 2)), rng.standard_normal((len(starts), 2)))
+                 for s in streams}
+        feats[video] = VideoFeatures(t=(starts + L / 2) / (T - 1), frame=starts, streams=parts, num_frames=T, fps=fps)
+    store = tmp_path / "features.h5"
+    new_length = {"rgb": 1, "flow": L} if "flow" in streams else {"rgb": 1}
+    write_features(store, rows, feats, base_attrs(layout="ragged", class_names=["a", "b"], new_length=new_length,
+                                                   settings={}, stride=S))
+    run = tmp_path / "run"
+    train_head(HeadConfig(features=str(store), out=str(run), head="self-attn", epochs=1, batch_size=2, attn_hidden=4,
+                          attention="sigmoid", val_fraction=0.0, device="cpu", max_ram_gb=1.0), progress=False)
+    localize_run(run, store, out=tmp_path / "d.json", split="test", export=tmp_path / "w.json")
+    _, times = read_weights(tmp_path / "w.json")["v2"]
+    shown = starts + (L // 2 if "flow" in streams else 0)
+    bounds = np.append(np.append(0, shown[1:]), T) / fps
+    expected = np.stack([bounds[:-1], bounds[1:]], axis=1)
+    assert np.allclose(times, expected), f"largest difference {np.abs(times - expected).max()}:\n{times}"
