@@ -413,11 +413,16 @@ def finetune_cmd(sources, out, stream, head, head_options, backbone, weights, se
 @click.option("--confuser-probability", type=float, default=0.8, show_default=True,
               help="Share of the other stretches showing a confusing motion of another class.")
 @click.option("--confuser-strength", type=float, default=0.6, show_default=True)
-@click.option("--untrimmed", is_flag=True, help="Long videos with 1-3 events and ground truth.")
+@click.option("--untrimmed", is_flag=True,
+              help="Long videos with 1 to --max-events events each and ActivityNet-style ground truth.")
+@click.option("--untrimmed-duration", default="20,30", show_default=True,
+              help="MIN,MAX seconds of an untrimmed video (drawn per video).")
+@click.option("--max-events", type=int, default=3, show_default=True, help="Most events in an untrimmed video.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def synth_cmd(out, classes, train_per_class, test_per_class, size, fps, duration, event_fraction,
-              distractor_strength, confuser_probability, confuser_strength, untrimmed, seed):
+              distractor_strength, confuser_probability, confuser_strength, untrimmed, untrimmed_duration,
+              max_events, seed):
     """Generate the synthetic key-moment benchmark: videos, manifest.csv, lists, events.json."""
     from datp.synth import SynthConfig, generate
 
@@ -426,9 +431,19 @@ def synth_cmd(out, classes, train_per_class, test_per_class, size, fps, duration
                       duration_s=duration, event_fraction=event_fraction,
                       distractor_strength=distractor_strength,
                       confuser_probability=confuser_probability,
-                      confuser_strength=confuser_strength, untrimmed=untrimmed)
+                      confuser_strength=confuser_strength, untrimmed=untrimmed,
+                      untrimmed_duration_s=_duration_range(untrimmed_duration), max_events=max_events)
     path = generate(cfg, out)
     click.echo(f"wrote {path / 'manifest.csv'}")
+
+
+def _duration_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give MIN,MAX seconds, e.g. 20,30",
+                                 param_hint="--untrimmed-duration") from None
+    return low, high
 
 
 @main.command("demo")

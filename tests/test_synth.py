@@ -293,3 +293,23 @@ def test_confuser_is_a_weaker_motion_of_another_class(label):
 def test_bad_config_names_the_value(change, field):
     with pytest.raises(ValueError, match=field):
         replace(TINY, **change)
+
+
+def test_cli_untrimmed_duration_and_max_events(tmp_path):
+    """`datp synth --untrimmed --untrimmed-duration MIN,MAX --max-events K` reaches SynthConfig;
+    a malformed range is a usage error (exit 2) naming the option."""
+    from click.testing import CliRunner
+
+    from datp.cli import main
+
+    args = ["synth", "--out", str(tmp_path / "s"), "--untrimmed", "--classes", "2", "--train-per-class", "2",
+            "--test-per-class", "1", "--size", "32", "--untrimmed-duration", "8,10", "--max-events", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    events = json.loads((tmp_path / "s" / "events.json").read_text())
+    assert len(events) == 6
+    for vid, info in events.items():
+        assert 8.0 <= info["duration_s"] <= 10.0, (vid, info["duration_s"])
+        assert 1 <= len(info["events"]) <= 2, (vid, info["events"])
+    bad = CliRunner().invoke(main, args[:-4] + ["--untrimmed-duration", "8"])
+    assert bad.exit_code == 2 and "--untrimmed-duration" in bad.output
