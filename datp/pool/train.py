@@ -8,7 +8,9 @@ before the chosen state is fixed.
   videos, drawn with `sklearn.model_selection.train_test_split(stratify=labels,
   random_state=seed)`; when stratification is impossible (a class with fewer than 2 videos, or fewer
   validation videos than classes) the split is seeded but not stratified (`split.stratified` in
-  config.json says which). `val_fraction=0`: no validation, the last epoch is kept.
+  config.json says which). `val_fraction=0`: no validation, the last epoch is kept. Fewer than two
+  validation videos per class make the choice noisy: the run then says so (stderr with progress,
+  `split.warning` in config.json and metrics.json).
 - Selection: the best validation top-1 accuracy, ties broken by the lower validation loss
   (cross-entropy without the attention regulariser).
 - Data: the arrays the head needs (conv maps only when it reads them) are loaded once into RAM,
@@ -52,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -632,6 +635,13 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
             raise ValueError(f"{store.path.name} holds logits over {store.num_classes} classes but the dataset has "
                              f"{C}; use --score-source linear (a classifier trained on the conv features)")
         train_rows, val_rows, test_rows, split_info = split_rows(store, cfg.val_fraction, cfg.seed)
+        if 0 < len(val_rows) < 2 * C:
+            # A handful of validation videos make the chosen epoch a coin toss (an untrained epoch 1
+            # was picked on 5 videos of 3 classes, docs/detection.md); say so where it is decided.
+            split_info["warning"] = (f"only {len(val_rows)} validation videos for {C} classes: the chosen epoch is "
+                                     "noisy; use --val-fraction 0 (keep the last epoch) or a larger fraction")
+            if progress:
+                print(f"train-head: warning: {split_info['warning']}", file=sys.stderr)
         every = np.concatenate([train_rows, val_rows, test_rows])
         pad_to = int(store.lengths(every).max())
         in_channels = {s: store.conv_shape(s)[0] for s in streams}

@@ -285,3 +285,16 @@ def test_standardisation_statistics_by_hand_saved_and_applied(stores, problem, t
     assert np.abs(z - expected).max() < 1e-4
     assert json.loads((tmp_path / "on" / "config.json").read_text())["resolved"]["standardized"]
     assert json.loads((tmp_path / "off" / "config.json").read_text())["resolved"]["standardized"] is None
+
+
+def test_a_tiny_validation_split_is_flagged(stores, problem, tmp_path, capsys):
+    """5 classes and 0.05 of 128 train videos = 7 validation videos (< 2 per class): the run says the
+    chosen epoch is noisy, on stderr and in config.json / metrics.json; a normal split says nothing."""
+    store = problem_store(stores, problem, "easy", n=128)
+    small = train_head(config(store, tmp_path / "small", "avg", epochs=1, val_fraction=0.05), progress=True)
+    assert "only 7 validation videos for 5 classes" in capsys.readouterr().err
+    assert "--val-fraction 0" in small["split"]["warning"]
+    saved = json.loads((tmp_path / "small" / "config.json").read_text())["split"]
+    assert saved["warning"] == small["split"]["warning"]
+    normal = train_head(config(store, tmp_path / "normal", "avg", epochs=1), progress=False)
+    assert "warning" not in normal["split"]
