@@ -44,6 +44,9 @@ class DemoConfig:
             videos need a few hundred Adam steps at 3e-3).
         heads: run names of DEMO_HEADS to train ("all" for every one).
         workers: processes for flow and decoding.
+        head_threads: torch threads while training the heads. 1 by default: the heads' small matrix
+            products gain 2x from a second idle core, but with 2 threads a datp run took 6.5x longer
+            (50 s instead of 7.7 s) when another process held one of the two cores.
         seed: seed of everything.
     """
 
@@ -62,6 +65,7 @@ class DemoConfig:
     lr: float = 3e-3
     heads: tuple[str, ...] = tuple(name for name, _, _ in DEMO_HEADS)
     workers: int = 2
+    head_threads: int = 1
     seed: int = 0
 
 
@@ -72,6 +76,8 @@ def _stage(name: str, log) -> float:
 
 def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     """Run every stage (reusing finished ones) and return the results written to results.json."""
+    import torch
+
     from datp.extract.features import FeatureConfig, extract_features
     from datp.flows.extract import FlowConfig, extract_flow
     from datp.io.datasets import load_dataset
@@ -115,15 +121,20 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     t = _stage("train-head: every head on each stream", log)
     options = {name: (head, opts) for name, head, opts in DEMO_HEADS}
     runs = {}
-    for name in cfg.heads:
-        head, opts = options[name]
-        for stream in ("rgb", "flow"):
-            run = out / "runs" / f"{name}-{stream}"
-            if not (run / "metrics.json").is_file():
-                train_head(HeadConfig(features=str(out / "features.h5"), out=str(run), head=head,
-                                      stream=stream, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                      lr=cfg.lr, seed=cfg.seed, **opts), progress=progress)
-            runs[name, stream] = run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.head_threads)
+    try:
+        for name in cfg.heads:
+            head, opts = options[name]
+            for stream in ("rgb", "flow"):
+                run = out / "runs" / f"{name}-{stream}"
+                if not (run / "metrics.json").is_file():
+                    train_head(HeadConfig(features=str(out / "features.h5"), out=str(run), head=head,
+                                          stream=stream, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                          lr=cfg.lr, seed=cfg.seed, **opts), progress=progress)
+                runs[name, stream] = run
+    finally:
+        torch.set_num_threads(threads)
     timings["train_heads"] = time.perf_counter() - t
 
     t = _stage("fusion, table and plots", log)
