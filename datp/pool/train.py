@@ -383,33 +383,33 @@ class ChannelNorm:
         shape = (-1,) + (1,) * (conv.dim() - 3)  # broadcast over the spatial dims, if any
         return (conv - self.mean.view(shape)) / self.std.view(shape)
 
-    @classmethod
-    def fit(cls, data: SegmentData, rows: Sequence[int], stream: str, *, batch_size: int = 64) -> ChannelNorm:
-        """Mean and std of `stream`'s channels over the real segments (all positions) of `rows`, in float64."""
-        total = total_sq = None
-        count = 0
-        norm, data.norm = data.norm, None  # statistics of the raw features
-        try:
-            for batch in data.batches(np.asarray(rows, np.int64), batch_size):
-                x = batch.conv[stream][batch.mask].double()  # (S, Cf, ...)
-                x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (Cf, S * positions)
-                total = x.sum(1) if total is None else total + x.sum(1)
-                total_sq = (x * x).sum(1) if total_sq is None else total_sq + (x * x).sum(1)
-                count += x.shape[1]
-        finally:
-            data.norm = norm
-        if not count:
-            raise ValueError(f"no real segments of stream {stream!r} to standardise with; extract features first")
-        mean = total / count
-        std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-        return cls(mean.float(), std.float())
-
     def state(self) -> dict:
         return {"mean": self.mean.clone(), "std": self.std.clone()}
 
     @classmethod
     def from_state(cls, state: dict) -> ChannelNorm:
         return cls(state["mean"].float(), state["std"].float())
+
+
+def fit_norms(data: SegmentData, rows: Sequence[int], *, batch_size: int = LOAD_BLOCK) -> dict[str, ChannelNorm]:
+    """{stream: ChannelNorm} of the raw features: mean and std of each channel over the real segments
+    (all positions) of `rows`, accumulated in float64 in one pass over the data for every stream."""
+    rows = np.asarray(rows, np.int64)
+    sums = {s: [0.0, 0.0, 0] for s in data.streams}  # sum, sum of squares, count per stream
+    for start in range(0, len(rows), batch_size):
+        batch = data._load(rows[start:start + batch_size])  # as stored: never through data.norm
+        for stream, acc in sums.items():
+            x = batch.conv[stream][batch.mask].double()  # (S, Cf, ...)
+            x = x.transpose(0, 1).reshape(x.shape[1], -1)  # (Cf, S * positions)
+            acc[0], acc[1], acc[2] = acc[0] + x.sum(1), acc[1] + (x * x).sum(1), acc[2] + x.shape[1]
+    norms = {}
+    for stream, (total, total_sq, count) in sums.items():
+        if not count:
+            raise ValueError(f"no real segments of stream {stream!r} to standardise with; extract features first")
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+        norms[stream] = ChannelNorm(mean.float(), std.float())
+    return norms
 
 
 def head_input(batch: Batch, streams: Sequence[str], device: torch.device, joint: bool):
@@ -664,8 +664,7 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
                                                     progress=progress)
         norm = None
         if conv and cfg.standardize:
-            norm = {s: ChannelNorm.fit(data, train_rows, s, batch_size=max(cfg.batch_size, LOAD_BLOCK)) for s in streams}
-            data.norm = norm
+            norm = data.norm = fit_norms(data, train_rows)
             if transfer is not None:  # the trimmed features pass through the same standardisation
                 transfer.data.norm = norm
         resolved = {"score_source": score_source, "head_options": options, "streams": list(streams),
