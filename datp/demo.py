@@ -90,6 +90,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
         raise ValueError(f"unknown demo heads {sorted(unknown)}; choose from "
                          f"{[name for name, _, _ in DEMO_HEADS]}")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the demo's data, runs and plots")
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     started = time.perf_counter()

@@ -40,3 +40,16 @@ def test_reduced_demo_runs_every_stage_and_writes_results(tmp_path):
     before = {p: p.stat().st_mtime for p in (tmp_path / "demo" / "runs").rglob("metrics.json")}
     run_demo(cfg, progress=False, log=lambda m: None)
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "demo" / "runs").rglob("metrics.json")}
+
+
+def test_demo_out_that_is_a_file_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from datp.cli import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    result = CliRunner().invoke(main, ["demo", "--out", str(taken), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert f"--out {taken} is a file; give a folder" in result.output
+    assert taken.read_text() == "not a folder"
