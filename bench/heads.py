@@ -100,7 +100,9 @@ def _baseline(store_path: str, out: str, epochs: int, batch_size: int, queue) ->
     import torch.nn.functional as F
 
     from datp.pool.heads import SegmentBatch, param_groups
-    from datp.pool.train import HeadConfig, _build, head_options, split_rows
+    from datp.pool.config import HeadConfig, head_options
+    from datp.pool.data import split_rows
+    from datp.pool.runs import rebuild_head
 
     cfg = HeadConfig(features=store_path, out=out, head="datp", score_source="linear", batch_size=batch_size)
     with FeatureStore(store_path) as store:
@@ -113,7 +115,7 @@ def _baseline(store_path: str, out: str, epochs: int, batch_size: int, queue) ->
         t = torch.from_numpy(store._file["segments/t"][:][train])
     mask = torch.ones(batch_size, N, dtype=torch.bool)
     torch.manual_seed(0)
-    head = _build("datp", head_options(cfg, score_source="linear", num_classes=NUM_CLASSES, num_segments=N,
+    head = rebuild_head("datp", head_options(cfg, score_source="linear", num_classes=NUM_CLASSES, num_segments=N,
                                        in_channels=CF))
     optimizer = torch.optim.Adam(param_groups(head, cfg.lr))
     seconds = []
@@ -133,7 +135,8 @@ def _baseline(store_path: str, out: str, epochs: int, batch_size: int, queue) ->
 
 
 def _train_head(store_path: str, out: str, epochs: int, batch_size: int, max_ram_gb: float | None, queue) -> None:
-    from datp.pool.train import HeadConfig, train_head
+    from datp.pool.config import HeadConfig
+    from datp.pool.train import train_head
 
     ram = {} if max_ram_gb is None else {"max_ram_gb": max_ram_gb}  # None: train_head's default
     cfg = HeadConfig(features=store_path, out=out, head="datp", datp_input="conv", score_source="linear",
@@ -149,13 +152,14 @@ def _forward_ratio(videos: int, segments: int, repeats: int, queue) -> None:
     import torchvision
 
     from datp.pool.heads import SegmentBatch
-    from datp.pool.train import HeadConfig, _build, head_options
+    from datp.pool.config import HeadConfig, head_options
+    from datp.pool.runs import rebuild_head
 
     torch.manual_seed(0)
     resnet = torchvision.models.resnet34(weights=None).eval()
     trunk = torch.nn.Sequential(*list(resnet.children())[:-2])  # conv maps (B*N, 512, 7, 7)
     cfg = HeadConfig(features="-", out="-", head="datp", score_source="linear")
-    head = _build("datp", head_options(cfg, score_source="linear", num_classes=NUM_CLASSES, num_segments=segments,
+    head = rebuild_head("datp", head_options(cfg, score_source="linear", num_classes=NUM_CLASSES, num_segments=segments,
                                        in_channels=CF)).eval()
     images = torch.randn(videos * segments, 3, 224, 224)
 

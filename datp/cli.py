@@ -260,7 +260,8 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
 
     Writes config.json, checkpoint.pt, metrics.json, predictions.h5 and weights.csv to --out.
     """
-    from datp.pool.train import HeadConfig, train_head
+    from datp.pool.config import HeadConfig
+    from datp.pool.train import train_head
 
     cfg = HeadConfig(features=str(features), out=str(out), head=head, stream=stream,
                      epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -503,7 +504,7 @@ def _floats(text):
 def localize_cmd(run_dir, features, out, split, flow_run, theta, class_threshold, segment_threshold, nms_iou,
                  export, plot, ground_truth, plot_count, device):
     """Temporal action detection from a trained attention head: w_i^c = a_i * s_c -> segments."""
-    from datp.pool.detect_run import localize_run
+    from datp.pool.detect.pipeline import localize_run
 
     thresholds = _floats(segment_threshold)
     result = localize_run(run_dir, features, out=out, split=split, flow_run=flow_run, theta=theta,
@@ -529,8 +530,8 @@ def localize_cmd(run_dir, features, out, split, flow_run, theta, class_threshold
 @user_errors
 def eval_detection_cmd(detections, ground_truth, evaluator, subset, tiou, per_class):
     """Mean AP of ActivityNet results JSON against ActivityNet JSON or THUMOS14 annotations."""
-    from datp.pool.detect_run import eval_detection
-    from datp.pool.detection import format_result
+    from datp.pool.detect.pipeline import eval_detection
+    from datp.pool.detect.evaluators import format_result
 
     result = eval_detection(detections, ground_truth, evaluator=evaluator, subset=subset, tiou=_floats(tiou))
     click.echo(format_result(result, per_class=per_class))

@@ -81,8 +81,9 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     from datp.extract.features import FeatureConfig, extract_features
     from datp.flows.extract import FlowConfig, extract_flow
     from datp.io.datasets import load_dataset
-    from datp.pool.evaluate import fuse_runs
-    from datp.pool.train import HeadConfig, train_head
+    from datp.pool.metrics import fuse_runs
+    from datp.pool.config import HeadConfig
+    from datp.pool.train import train_head
     from datp.synth import SynthConfig, generate
 
     unknown = set(cfg.heads) - {name for name, _, _ in DEMO_HEADS}
@@ -171,7 +172,7 @@ def event_weight_mass(events_path: Path, runs: dict, heads) -> dict:
     Weights are normalised to sum 1 over a video's segments; uniform weights would give
     (segments overlapping the event) / N on average, reported as `uniform`.
     """
-    from datp.pool.evaluate import read_predictions
+    from datp.pool.runs import read_predictions
 
     events = json.loads(Path(events_path).read_text())
     result = {}

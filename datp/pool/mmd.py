@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from datp.pool.segment_scores import SegmentBatch, pooled_features, resolve_mask
+from datp.pool.heads import SegmentBatch
+from datp.pool.heads.base import pooled_features, resolve_mask
 
 DEFAULT_SCALES = (0.5, 1.0, 2.0)
 MAX_ROWS = 256  # segment rows per side of the transfer loss: the kernel matrix is at most 512 x 512

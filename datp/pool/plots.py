@@ -18,23 +18,32 @@ import numpy as np
 
 from datp.io.atomic import atomic_path
 from datp.io.datasets import safe_name
-from datp.pool.evaluate import read_predictions
+from datp.pool.runs import read_predictions
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(*, figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, squeeze: bool = True):
+    """A figure on matplotlib's Agg canvas and its axes (`Figure.subplots`).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The one figure style of datp's PNGs (stage two and localization): the object-oriented API, so no
+    pyplot global state, no backend switch and no display are needed, and figures need no closing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    return plt
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay `fig` out and write it as a PNG to `path` (atomically); returns the path.
+
+    No `bbox_inches="tight"`: a PNG is exactly figsize x 100 dpi, so figures of one kind line up.
+    """
     path = Path(path)
+    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 
@@ -117,7 +126,6 @@ def plot_segment_weights(run_dir: str | Path, out: str | Path, *, ids: Sequence[
     Returns:
         The PNG paths written.
     """
-    plt = _pyplot()
     pred = read_predictions(run_dir)
     ids = list(ids) if ids else pred["ids"][:count]
     rows = segment_plot_data(pred, ids)
@@ -127,18 +135,17 @@ def plot_segment_weights(run_dir: str | Path, out: str | Path, *, ids: Sequence[
     if grid:
         cols = min(2, len(rows))
         lines = -(-len(rows) // cols)
-        fig, axes = plt.subplots(lines, cols, figsize=(6 * cols, 3 * lines), squeeze=False)
+        fig, axes = new_figure(nrows=lines, ncols=cols, figsize=(6 * cols, 3 * lines), squeeze=False)
         for ax, row in zip(axes.flat, rows):
             _draw_video(ax, row, events.get(row["id"]))
         for ax in list(axes.flat)[len(rows):]:
             ax.axis("off")
-        fig.tight_layout()
-        return [_save(fig, out / "segments.png")]
+        return [save_figure(fig, out / "segments.png")]
     paths = []
     for row in rows:
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = new_figure(figsize=(6, 3))
         _draw_video(ax, row, events.get(row["id"]))
-        paths.append(_save(fig, out / f"segments_{safe_name(row['id'])}.png"))
+        paths.append(save_figure(fig, out / f"segments_{safe_name(row['id'])}.png"))
     return paths
 
 
@@ -187,13 +194,12 @@ def plot_accuracy_changes(before, after, out: str | Path, *, k: int = 5,
     Returns:
         `out`.
     """
-    plt = _pyplot()
     top, bottom = accuracy_changes(_per_class(before), _per_class(after), k=k)
     if labels is None:
         labels = tuple(name if isinstance(run, Mapping) else Path(run).name
                        for run, name in ((before, "before"), (after, "after")))
     items = top + bottom[::-1]  # largest gain at the top, largest loss at the bottom
-    fig, ax = plt.subplots(figsize=(6, 0.35 * max(len(items), 2) + 1))
+    fig, ax = new_figure(figsize=(6, 0.35 * max(len(items), 2) + 1))
     y = np.arange(len(items))[::-1]
     changes = [100 * c for _, c in items]
     ax.barh(y, changes, color=["tab:green" if c >= 0 else "tab:red" for c in changes])
@@ -201,5 +207,4 @@ def plot_accuracy_changes(before, after, out: str | Path, *, k: int = 5,
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("per-class accuracy change (points)")
     ax.set_title(f"{labels[1]} minus {labels[0]}: top-{k} and bottom-{k} classes", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)

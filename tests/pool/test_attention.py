@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datp.pool.attention import JointAttnHead, LSTMAttnHead, SelfAttnHead, temporal_regularizer
+from datp.pool.heads.attention import JointAttnHead, LSTMAttnHead, SelfAttnHead, temporal_regularizer
 from datp.pool.heads import SegmentBatch
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")

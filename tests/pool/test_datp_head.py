@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from datp.pool.datp_head import DATPHead, l2_pool, l2_pool_log, mog_log_weights, mog_weights
+from datp.pool.heads.datp import DATPHead, l2_pool, l2_pool_log, mog_log_weights, mog_weights
 from datp.pool.heads import SegmentBatch
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")

@@ -17,11 +17,14 @@ from click.testing import CliRunner
 from datp.cli import main
 from datp.extract.store import VideoFeatures, VideoRow, base_attrs, write_features
 from datp.io.datasets import safe_name
-from datp.pool.detect_run import eval_detection, localize_arrays, localize_run, plot_videos
-from datp.pool.detection import (GroundTruth, GroundTruthSet, evaluate_detection, read_activitynet_ground_truth,
-                                 read_activitynet_predictions)
-from datp.pool.localize import read_weights
-from datp.pool.train import HeadConfig, predict_run, train_head
+from datp.pool.detect.pipeline import eval_detection, localize_arrays, localize_run
+from datp.pool.detect.plots import plot_videos
+from datp.pool.detect.evaluators import evaluate_detection
+from datp.pool.detect.formats import GroundTruth, GroundTruthSet, read_activitynet_ground_truth, read_activitynet_predictions
+from datp.pool.detect.formats import read_weights
+from datp.pool.config import HeadConfig
+from datp.pool.predict import predict_run
+from datp.pool.train import train_head
 from datp.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")

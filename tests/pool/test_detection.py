@@ -6,22 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from datp.pool.detection import (
-    ANET_THRESHOLDS,
-    THUMOS14_THRESHOLDS,
-    AmbiguousRegion,
-    Detection,
-    GroundTruth,
-    GroundTruthSet,
-    evaluate_detection,
-    format_result,
-    interpolated_ap,
-    read_activitynet_ground_truth,
-    read_activitynet_predictions,
-    read_ground_truth,
-    read_thumos14_ground_truth,
-    temporal_iou,
-)
+from datp.pool.detect.evaluators import ANET_THRESHOLDS, THUMOS14_THRESHOLDS, evaluate_detection, format_result, interpolated_ap, temporal_iou
+from datp.pool.detect.formats import AmbiguousRegion, Detection, GroundTruth, GroundTruthSet, read_activitynet_ground_truth, read_activitynet_predictions, read_ground_truth, read_thumos14_ground_truth
 
 EVALUATORS = ["anet", "thumos14"]
 

@@ -13,16 +13,13 @@ from sklearn.metrics import balanced_accuracy_score
 from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
 from datp.flows.store import StoreError
 from datp.pool import evaluate as evaluate_module
-from datp.pool.evaluate import (
-    EvaluateConfig,
-    evaluate,
-    format_report,
-    fuse_runs,
-    metrics,
-    random_mixture,
-    write_predictions,
-)
-from datp.pool.train import HeadConfig, predict_run, train_head
+from datp.pool.evaluate import EvaluateConfig, evaluate, format_report
+from datp.pool.metrics import fuse_runs, metrics
+from datp.pool.runs import write_predictions
+from datp.pool.schemes import random_mixture
+from datp.pool.config import HeadConfig
+from datp.pool.predict import predict_run
+from datp.pool.train import train_head
 
 schemes_of = evaluate_module.testing_schemes  # imported under another name: pytest collects test*
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from datp.pool.heads import HEADS, AvgHead, MaxHead, SegmentBatch, build_head, default_score_source, param_groups
-from datp.pool.segment_scores import SegmentScores, masked_softmax, resolve_mask, segment_times
+from datp.pool.heads.base import SegmentScores, masked_softmax, resolve_mask, segment_times
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 

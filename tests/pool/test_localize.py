@@ -4,19 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from datp.pool.detection import Detection, GroundTruth, evaluate_detection, read_activitynet_predictions
-from datp.pool.localize import (
-    class_segment_scores,
-    export_weights,
-    fuse_streams,
-    localize_video,
-    nms,
-    plot_weights_vs_ground_truth,
-    read_weights,
-    segment_seconds,
-    to_activitynet_json,
-    write_activitynet_json,
-)
+from datp.pool.detect.evaluators import evaluate_detection
+from datp.pool.detect.formats import Detection, GroundTruth, read_activitynet_predictions
+from datp.pool.detect.formats import export_weights, read_weights, to_activitynet_json, write_activitynet_json
+from datp.pool.detect.localize import class_segment_scores, fuse_streams, localize_video, nms, segment_seconds
+from datp.pool.detect.plots import plot_weights_vs_ground_truth
 
 
 def _close(actual, expected, tol=1e-12):

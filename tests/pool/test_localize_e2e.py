@@ -26,10 +26,13 @@ from click.testing import CliRunner
 from datp.cli import main
 from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
 from datp.io.datasets import safe_name
-from datp.pool.detect_run import eval_detection, localize_arrays, localize_run, shown_frames
-from datp.pool.detection import evaluate_detection, read_activitynet_ground_truth
-from datp.pool.localize import read_weights
-from datp.pool.train import HeadConfig, predict_run, train_head
+from datp.pool.detect.pipeline import eval_detection, localize_arrays, localize_run, shown_frames
+from datp.pool.detect.evaluators import evaluate_detection
+from datp.pool.detect.formats import read_activitynet_ground_truth
+from datp.pool.detect.formats import read_weights
+from datp.pool.config import HeadConfig
+from datp.pool.predict import predict_run
+from datp.pool.train import train_head
 from datp.synth import SynthConfig, generate
 
 # 3 classes, 8 + 4 videos per class of 10-14 s at 5 fps (50-70 frames), 1-2 events of 10 frames (2 s).

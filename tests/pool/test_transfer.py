@@ -18,8 +18,10 @@ from datp.cli import main
 from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
 from datp.pool.heads import build_head
 from datp.pool.mmd import MAX_ROWS, mmd2, segment_rows, transfer_loss
-from datp.pool.segment_scores import SegmentBatch
-from datp.pool.train import HeadConfig, load_run, train_head
+from datp.pool.heads import SegmentBatch
+from datp.pool.config import HeadConfig
+from datp.pool.runs import load_run
+from datp.pool.train import train_head
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 

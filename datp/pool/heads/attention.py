@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from datp.pool.segment_scores import (
+from datp.pool.heads.base import (
     HeadOutput,
     SegmentBatch,
     masked_softmax,

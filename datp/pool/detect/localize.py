@@ -17,30 +17,13 @@ Also here: `export_weights` / `read_weights` (per-video weights as JSON or CSV) 
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from datp.pool.detection import Detection, GroundTruth
-
-ACTIVITYNET_VERSION = "VERSION 1.3"
-# Curve colours of the weight plots: matplotlib's cycle without green (the ground truth shading) and
-# red (the detections), so that neither can be mistaken for a curve.
-CURVE_COLORS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
-
-
-def _numpy(x, name: str, ndim: int) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != ndim:
-        raise ValueError(f"{name} has shape {x.shape}; expected {ndim} dimensions")
-    return x
+from datp.pool.detect.formats import Detection, checked_array
 
 
 def class_segment_scores(weights, class_scores) -> np.ndarray:
@@ -53,8 +36,8 @@ def class_segment_scores(weights, class_scores) -> np.ndarray:
     Returns:
         (N, C) float64 scores.
     """
-    a = _numpy(weights, "weights", 1)
-    s = _numpy(class_scores, "class_scores", 1)
+    a = checked_array(weights, "weights", 1)
+    s = checked_array(class_scores, "class_scores", 1)
     return a[:, None] * s[None, :]
 
 
@@ -174,9 +157,9 @@ def localize_video(
     Returns:
         Detections, highest score first.
     """
-    w = _numpy(segment_scores, "segment_scores", 2)
-    s = _numpy(video_scores, "video_scores", 1)
-    times = _numpy(segment_times, "segment_times", 2)
+    w = checked_array(segment_scores, "segment_scores", 2)
+    s = checked_array(video_scores, "video_scores", 1)
+    times = checked_array(segment_times, "segment_times", 2)
     N, C = w.shape
     if s.shape != (C,) or times.shape != (N, 2) or len(class_names) != C:
         raise ValueError(
@@ -214,140 +197,3 @@ def localize_video(
 # ------------------------------------------------------------------------------------------ files
 
 
-def to_activitynet_json(
-    detections_by_video: Mapping[str, Sequence[Detection]],
-    *,
-    version: str = ACTIVITYNET_VERSION,
-    external_data: Mapping | None = None,
-) -> dict:
-    """ActivityNet results dict: `{"version", "results": {video: [{"label", "score", "segment"}]},
-    "external_data"}`. Videos with no detections are listed with an empty list."""
-    results = {}
-    for video, detections in detections_by_video.items():
-        for d in detections:
-            if d.video != video:
-                raise ValueError(f"detection of video {d.video!r} is listed under video {video!r}")
-        results[video] = [{"label": d.label, "score": d.score, "segment": [d.start, d.end]} for d in detections]
-    return {"version": version, "results": results, "external_data": dict(external_data or {})}
-
-
-def write_activitynet_json(
-    detections_by_video: Mapping[str, Sequence[Detection]],
-    path: str | Path,
-    *,
-    version: str = ACTIVITYNET_VERSION,
-    external_data: Mapping | None = None,
-) -> Path:
-    """Write `to_activitynet_json(...)` to `path` and return the path."""
-    path = Path(path)
-    path.write_text(json.dumps(to_activitynet_json(detections_by_video, version=version, external_data=external_data)))
-    return path
-
-
-def export_weights(weights_by_video: Mapping[str, tuple], path: str | Path) -> Path:
-    """Write per-video attention weights, as JSON or CSV by the suffix of `path`.
-
-    CSV: a header `video,segment,start,end,weight` then one row per segment. JSON:
-    `{"videos": {video: {"start": [...], "end": [...], "weight": [...]}}}`.
-
-    Args:
-        weights_by_video: video id -> (weights (N,), segment_times (N, 2) seconds).
-        path: a `.json` or `.csv` file.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    if path.suffix not in (".json", ".csv"):
-        raise ValueError(f"{path} must end in .json or .csv")
-    rows = {}
-    for video, (weights, times) in weights_by_video.items():
-        a, t = _numpy(weights, f"weights of {video!r}", 1), _numpy(times, f"segment times of {video!r}", 2)
-        if t.shape != (len(a), 2):
-            raise ValueError(f"video {video!r} has {len(a)} weights but segment times of shape {t.shape}")
-        rows[video] = (a, t)
-    if path.suffix == ".json":
-        videos = {v: {"start": t[:, 0].tolist(), "end": t[:, 1].tolist(), "weight": a.tolist()} for v, (a, t) in rows.items()}
-        path.write_text(json.dumps({"videos": videos}))
-        return path
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "segment", "start", "end", "weight"])
-        for video, (a, t) in rows.items():
-            for i in range(len(a)):
-                writer.writerow([video, i, repr(float(t[i, 0])), repr(float(t[i, 1])), repr(float(a[i]))])
-    return path
-
-
-def read_weights(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read `export_weights` output back: video id -> (weights (N,), segment_times (N, 2))."""
-    path = Path(path)
-    if path.suffix == ".json":
-        videos = json.loads(path.read_text())["videos"]
-        return {v: (np.array(d["weight"]), np.stack([d["start"], d["end"]], axis=1)) for v, d in videos.items()}
-    rows: dict[str, list] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            rows.setdefault(row["video"], []).append((float(row["weight"]), float(row["start"]), float(row["end"])))
-    return {v: (np.array([r[0] for r in rs]), np.array([r[1:] for r in rs]).reshape(-1, 2)) for v, rs in rows.items()}
-
-
-def plot_weights_vs_ground_truth(
-    weights,
-    segment_times,
-    ground_truth: Sequence[GroundTruth],
-    path: str | Path,
-    *,
-    detections: Sequence[Detection] = (),
-    title: str | None = None,
-) -> Path:
-    """Save a PNG of attention weights over time with the ground truth segments shaded.
-
-    Args:
-        weights: (N,) weights, or a mapping name -> (N,) to draw several curves (e.g. "rgb", "flow").
-        segment_times: (N, 2) [start, end] seconds; each weight is drawn flat over its segment.
-        ground_truth: the video's ground truth instances (shaded in green, labelled).
-        path: the PNG file.
-        detections: optional detections, drawn as red bars under the curves, one row per class,
-            each labelled with its class and score.
-        title: the plot title.
-
-    Returns:
-        The path written.
-    """
-    # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    times = _numpy(segment_times, "segment_times", 2)
-    curves = weights if isinstance(weights, Mapping) else {"weight": weights}
-    fig = Figure(figsize=(10, 3), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for g in ground_truth:
-        ax.axvspan(g.start, g.end, color="tab:green", alpha=0.25, linewidth=0)
-        ax.text((g.start + g.end) / 2, 1.0, g.label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
-    top = 0.0
-    for k, (name, values) in enumerate(curves.items()):
-        a = _numpy(values, f"weights {name!r}", 1)
-        if len(a) != len(times):
-            raise ValueError(f"weights {name!r} has {len(a)} values for {len(times)} segments")
-        x = np.stack([times[:, 0], times[:, 1]], axis=1).ravel()  # each weight flat over its segment
-        ax.plot(x, np.repeat(a, 2), label=name, color=CURVE_COLORS[k % len(CURVE_COLORS)])
-        top = max(top, float(a.max(initial=0.0)))
-    labels = sorted({d.label for d in detections})
-    for d in detections:  # row r of class labels[r] sits at -(r + 1) * 8% of the highest weight
-        y = -(labels.index(d.label) + 1) * 0.08 * (top or 1.0)
-        ax.plot([d.start, d.end], [y, y], color="tab:red", linewidth=4, solid_capstyle="butt")
-        ax.text(d.start, y, f" {d.label} {d.score:.2f}", fontsize=7, va="bottom", ha="left")
-    if len(times):
-        ax.set_xlim(times[:, 0].min(), times[:, 1].max())
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("attention weight")
-    if len(curves) > 1:
-        ax.legend(loc="upper right", fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(Path(path), format="png")
-    return Path(path)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datp.pool.segment_scores import (
+from datp.pool.heads.base import (
     HeadOutput,
     SegmentBatch,
     SegmentScores,

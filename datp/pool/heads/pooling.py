@@ -1,39 +1,17 @@
-"""Pooling heads: the shared interface, the registry, and the `avg` and `max` baselines.
-
-Every head is an `nn.Module` with `forward(x, mask=None) -> HeadOutput(logits (B, C), weights (B, N))`
-where `x` is a `SegmentBatch` (`joint-attn` takes `{stream: SegmentBatch}`); see `segment_scores.py`
-for the conventions on masks and all-masked rows.
-
-Every constructor is keyword-only and accepts `num_classes`, `num_segments` and `in_channels`, so
-`build_head(name, num_classes=C, num_segments=N, in_channels=Cf, **options)` works for any name.
-Heads that pool per-segment class scores (`uses_scores = True`: avg, max, datp) also take
-`score_source` ("cached" or "linear", see `default_score_source`); the attention heads classify
-pooled features with their own classifier and do not.
-
-`head.transfer_layer()` returns the first fully connected layer that reads the pooled segment
-features v_i (TSRNet's fc1, used by `train-head --transfer-from`; see docs/detection.md), or None
-when the head has none (avg, max and datp on cached scores).
-"""
+"""The score-pooling baselines: `avg` (TSN's consensus) and `max` over the segment class scores."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from datp.pool.attention import JointAttnHead, LSTMAttnHead, SelfAttnHead
-from datp.pool.datp_head import DATPHead
-from datp.pool.segment_scores import (
+from datp.pool.heads.base import (
     HeadOutput,
     SegmentBatch,
     SegmentScores,
-    default_score_source,
     resolve_mask,
     zero_empty_rows,
 )
-
-__all__ = [
-    "HEADS", "AvgHead", "HeadOutput", "MaxHead", "SegmentBatch", "build_head", "default_score_source", "param_groups",
-]
 
 
 class AvgHead(nn.Module):
@@ -125,40 +103,3 @@ class MaxHead(nn.Module):
         return self.scores.transfer_layer()
 
 
-HEADS: dict[str, type[nn.Module]] = {
-    "avg": AvgHead,
-    "max": MaxHead,
-    "datp": DATPHead,
-    "lstm-attn": LSTMAttnHead,
-    "self-attn": SelfAttnHead,
-    "joint-attn": JointAttnHead,
-}
-
-
-def param_groups(head: nn.Module, lr: float) -> list[dict]:
-    """Optimizer parameter groups: `lr` for every parameter, times `head.lr_scales[prefix]` for the
-    parameters whose name starts with one of that head's prefixes.
-
-    DATP's auxiliary net needs a smaller Adam step than the classifiers (see `DATPHead.lr_scales`);
-    build the optimizer as `torch.optim.Adam(param_groups(head, lr))`.
-
-    Returns:
-        A list of {"params": [...], "lr": float} dicts, empty groups left out.
-    """
-    scales = dict(getattr(head, "lr_scales", {}))
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, param in head.named_parameters():
-        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault(lr * scale, []).append(param)
-    return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
-
-
-def build_head(name: str, **kwargs) -> nn.Module:
-    """Builds the head registered as `name` with keyword arguments for its constructor.
-
-    Raises:
-        ValueError: `name` is not in `HEADS`.
-    """
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; choose from {sorted(HEADS)}")
-    return HEADS[name](**kwargs)

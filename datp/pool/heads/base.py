@@ -1,7 +1,7 @@
 """What every head reads and returns, and the per-segment class scores I_i.
 
-Heads live in `heads.py`, `datp_head.py` and `attention.py`; the types they share live here (and are
-re-exported by `heads.py`) so that those modules import this one and never each other.
+The heads live beside this module (`pooling.py`, `datp.py`, `attention.py`); the types they share live
+here (and are re-exported by `datp.pool.heads`) so that those modules import this one and never each other.
 
 One interface for every head: `forward(x, mask=None) -> HeadOutput(logits, weights)` where `x` is a
 `SegmentBatch` (the two-stream `joint-attn` head takes a `{stream: SegmentBatch}` mapping). A

@@ -30,19 +30,30 @@ import numpy as np
 import torch
 
 from datp.extract.store import FeatureStore
-from datp.io.datasets import safe_name
-from datp.pool.detection import (Detection, DetectionResult, GroundTruthSet, evaluate_detection,
-                                 read_activitynet_predictions, read_ground_truth)
-from datp.pool.localize import (class_segment_scores, export_weights, fuse_streams, localize_video,
-                                plot_weights_vs_ground_truth, segment_seconds, to_activitynet_json,
-                                write_activitynet_json)
-from datp.pool.train import load_run, predict, run_data, store_summary
+from datp.pool.data import store_summary
+from datp.pool.detect.evaluators import DetectionResult, evaluate_detection
+from datp.pool.detect.formats import (
+    Detection,
+    export_weights,
+    read_activitynet_predictions,
+    read_ground_truth,
+    to_activitynet_json,
+    write_activitynet_json,
+)
+from datp.pool.detect.localize import (
+    class_segment_scores,
+    fuse_streams,
+    localize_video,
+    segment_seconds,
+)
+from datp.pool.detect.plots import PLOT_COUNT, plot_videos
+from datp.pool.predict import predict, run_data
+from datp.pool.runs import load_run
 
 # Defaults of `localize_video`, repeated here so that the CLI help and external_data name them.
 CLASS_THRESHOLD = 0.1
 SEGMENT_THRESHOLD = 0.5
 NMS_IOU = 0.5
-PLOT_COUNT = 8  # videos `localize_run` plots by default
 
 
 def _predict_rows(run_dir: str | Path, store: FeatureStore, rows: np.ndarray, *, device: str,
@@ -149,51 +160,6 @@ def localize_arrays(
                                            nms_iou=nms_iou)
         attention[video] = (a, times)
     return detections, attention
-
-
-def plot_videos(
-    attention: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    detections: Mapping[str, Sequence[Detection]],
-    folder: str | Path,
-    *,
-    ground_truth: GroundTruthSet | None = None,
-    count: int = PLOT_COUNT,
-    curves: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-    title: str = "",
-) -> list[Path]:
-    """One PNG per video, `<folder>/<safe_name(video)>.png`: attention over time, ground truth shaded,
-    detections as bars (`plot_weights_vs_ground_truth`).
-
-    Args:
-        attention: video id -> (weights (n,), segment seconds (n, 2)), as `localize_arrays` returns.
-        detections: video id -> its detections.
-        folder: where the PNGs go (created).
-        ground_truth: instances to shade; the videos that have some are plotted first.
-        count: plot at most this many videos (>= 1), in `attention`'s order after that rule.
-        curves: video id -> {name: (n,) weights} drawn instead of the single attention curve (e.g.
-            "rgb", "flow" and "fused").
-        title: text after the video id in each title.
-
-    Returns:
-        The PNGs written, in plotting order.
-    """
-    if count < 1:
-        raise ValueError(f"--plot-count {count} must be >= 1")
-    truth: dict[str, list] = {}
-    for g in (ground_truth.instances if ground_truth is not None else ()):
-        truth.setdefault(g.video, []).append(g)
-    videos = sorted(attention, key=lambda v: v not in truth)[:count]  # stable: store order within each group
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for video in videos:
-        a, times = attention[video]
-        found = list(detections.get(video, ()))
-        heading = f"{video}{': ' + title if title else ''}; {len(found)} detections"
-        written.append(plot_weights_vs_ground_truth((curves or {}).get(video, a), times, truth.get(video, []),
-                                                    folder / f"{safe_name(video)}.png", detections=found,
-                                                    title=heading))
-    return written
 
 
 def localize_run(

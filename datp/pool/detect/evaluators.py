@@ -20,79 +20,23 @@ their class are false positives, as in both official tools: pass only the evalua
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from datp.pool.detect.formats import (
+    AmbiguousRegion,
+    Detection,
+    GroundTruth,
+    GroundTruthSet,
+)
+
 ANET_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.55, ..., 0.95
 THUMOS14_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 8))  # 0.1, 0.2, ..., 0.7
 EVALUATORS = ("anet", "thumos14")
-
-
-def _check_segment(what: str, video: str, start: float, end: float) -> None:
-    if not (np.isfinite(start) and np.isfinite(end)) or end < start:
-        raise ValueError(f"{what} in video {video!r} has segment [{start}, {end}]; need finite start <= end")
-
-
-@dataclass(frozen=True)
-class GroundTruth:
-    """One annotated action instance: `label` happens in `video` from `start` to `end` seconds."""
-
-    video: str
-    label: str
-    start: float
-    end: float
-
-    def __post_init__(self) -> None:
-        _check_segment(f"ground truth {self.label!r}", self.video, self.start, self.end)
-
-
-@dataclass(frozen=True)
-class AmbiguousRegion:
-    """A THUMOS14 "Ambiguous" span of `video` (seconds): detections there are not false positives."""
-
-    video: str
-    start: float
-    end: float
-
-    def __post_init__(self) -> None:
-        _check_segment("ambiguous region", self.video, self.start, self.end)
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One predicted action instance with its confidence `score` (higher is more confident)."""
-
-    video: str
-    label: str
-    start: float
-    end: float
-    score: float
-
-    def __post_init__(self) -> None:
-        _check_segment(f"detection {self.label!r}", self.video, self.start, self.end)
-        if not np.isfinite(self.score):
-            raise ValueError(f"detection {self.label!r} in video {self.video!r} has score {self.score}")
-
-
-@dataclass(frozen=True)
-class GroundTruthSet:
-    """Everything an evaluator needs to know about the truth.
-
-    Attributes:
-        instances: the annotated actions, in file order (THUMOS14 matches ground truth in this order).
-        ambiguous: THUMOS14 "Ambiguous" regions (empty for ActivityNet files); only `thumos14` uses them.
-        videos: every video of the subset, including videos without annotations.
-    """
-
-    instances: tuple[GroundTruth, ...]
-    ambiguous: tuple[AmbiguousRegion, ...] = ()
-    videos: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,112 +61,6 @@ class DetectionResult:
 
 
 # ---------------------------------------------------------------------------------------- readers
-
-
-def read_activitynet_ground_truth(path: str | Path, *, subset: str | None = None) -> GroundTruthSet:
-    """Read an ActivityNet-style ground-truth JSON.
-
-    The format is `{"database": {video: {"subset": ..., "annotations": [{"segment": [s, e],
-    "label": name}, ...]}}}`; other keys (`taxonomy`, `version`, `duration`, ...) are ignored.
-
-    Args:
-        path: the JSON file.
-        subset: keep only videos whose `"subset"` equals this (the official tool uses
-            "validation"); None keeps every video.
-
-    Returns:
-        The ground truth (no ambiguous regions).
-    """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or "database" not in data:
-        raise ValueError(f"{path} has no 'database' key; expected ActivityNet ground truth JSON")
-    instances, videos, subsets = [], [], set()
-    for video, entry in data["database"].items():
-        subsets.add(entry.get("subset"))
-        if subset is not None and entry.get("subset") != subset:
-            continue
-        videos.append(video)
-        for ann in entry.get("annotations", []):
-            start, end = ann["segment"]
-            instances.append(GroundTruth(video, str(ann["label"]), float(start), float(end)))
-    if subset is not None and not videos:
-        raise ValueError(f"{path} has no video in subset {subset!r}; its subsets are {sorted(map(str, subsets))}")
-    return GroundTruthSet(tuple(instances), (), tuple(videos))
-
-
-def _read_thumos_file(path: Path) -> list[tuple[str, float, float]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 3:
-            raise ValueError(f"{path}:{number}: expected '<video> <start> <end>', got {line!r}")
-        rows.append((parts[0], float(parts[1]), float(parts[2])))
-    return rows
-
-
-def read_thumos14_ground_truth(folder: str | Path, *, subset: str | None = None) -> GroundTruthSet:
-    """Read THUMOS14 temporal annotations: one `<Class>_<subset>.txt` per class in `folder`.
-
-    Each line is `<video> <start seconds> <end seconds>`; `Ambiguous_<subset>.txt` holds the ambiguous
-    regions. Other files (e.g. `detclasslist.txt`) are ignored.
-
-    Args:
-        folder: the annotation folder.
-        subset: "val" or "test" (the file suffix); None picks the only subset present.
-
-    Returns:
-        The ground truth, in file order (classes sorted by name), with its ambiguous regions.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder of THUMOS14 '<Class>_<subset>.txt' files")
-    files = sorted(p for p in folder.glob("*_*.txt"))
-    present = sorted({p.stem.rsplit("_", 1)[1] for p in files})
-    if subset is None:
-        if len(present) != 1:
-            raise ValueError(f"{folder} holds subsets {present}; pass subset= one of them")
-        subset = present[0]
-    files = [p for p in files if p.stem.rsplit("_", 1)[1] == subset]
-    if not files:
-        raise ValueError(f"{folder} has no '<Class>_{subset}.txt' files; its subsets are {present}")
-    instances, ambiguous = [], []
-    for path in files:
-        label = path.stem.rsplit("_", 1)[0]
-        for video, start, end in _read_thumos_file(path):
-            if label == "Ambiguous":
-                ambiguous.append(AmbiguousRegion(video, start, end))
-            else:
-                instances.append(GroundTruth(video, label, start, end))
-    videos = sorted({g.video for g in instances} | {a.video for a in ambiguous})
-    return GroundTruthSet(tuple(instances), tuple(ambiguous), tuple(videos))
-
-
-def read_ground_truth(path: str | Path, *, subset: str | None = None) -> GroundTruthSet:
-    """ActivityNet JSON (a file) or THUMOS14 annotation folder (a directory), by what `path` is."""
-    if Path(path).is_dir():
-        return read_thumos14_ground_truth(path, subset=subset)
-    return read_activitynet_ground_truth(path, subset=subset)
-
-
-def read_activitynet_predictions(path: str | Path) -> list[Detection]:
-    """Read an ActivityNet results JSON.
-
-    The format is `{"version": ..., "results": {video: [{"label": name, "score": s,
-    "segment": [start, end]}, ...]}, "external_data": {...}}`; only `results` is required.
-
-    Returns:
-        The detections, in file order.
-    """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or "results" not in data:
-        raise ValueError(f"{path} has no 'results' key; expected an ActivityNet results JSON")
-    return [
-        Detection(video, str(r["label"]), float(r["segment"][0]), float(r["segment"][1]), float(r["score"]))
-        for video, rows in data["results"].items()
-        for r in rows
-    ]
 
 
 # -------------------------------------------------------------------------------------- matching

@@ -1,0 +1,180 @@
+"""What stage two reads from a feature store: the dataset's classes, the train/validation/test rows
+(`split_rows`), and `SegmentData`, which serves padded batches of store rows from RAM or straight from
+the HDF5 store (the next batch read in a background thread), standardised with `ChannelNorm`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from datp.extract.store import Batch, FeatureStore
+from datp.pool.heads import SegmentBatch
+
+LOAD_BLOCK = 64  # videos per read when filling RAM (bounds the float32 temporary of FeatureStore.load)
+
+
+def dataset_classes(store: FeatureStore) -> list[str]:
+    """The dataset's class names: the store's, else "0", "1", ... up to the largest label."""
+    if store.class_names:
+        return list(store.class_names)
+    known = store.labels[store.labels >= 0]
+    if not len(known):
+        raise ValueError(f"{store.path.name} has no class names and no labels; extract features of a "
+                         "labelled dataset")
+    return [str(i) for i in range(int(known.max()) + 1)]
+
+
+def store_summary(store: FeatureStore) -> dict:
+    """The store attributes a run records (what made the features)."""
+    keep = ("backbone", "weights", "weights_sha256", "input_size", "crop", "layout", "num_segments", "stride",
+            "new_length", "logits_match_labels", "datp_version", "created")
+    summary = {"path": str(store.path.resolve()), "streams": list(store.streams)}
+    for key in keep:
+        if key in store.attrs:
+            value = store.attrs[key]
+            summary[key] = value.item() if isinstance(value, np.generic) else value
+    try:
+        summary["settings"] = json.loads(store.attrs.get("settings", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        summary["settings"] = store.attrs.get("settings")
+    return json.loads(json.dumps(summary, default=str))
+
+
+def split_rows(store: FeatureStore, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Train, validation and test rows of the store (labelled, done videos), and a summary.
+
+    See the module docstring for how validation is chosen; test rows are only split "test".
+    """
+    from sklearn.model_selection import train_test_split
+
+    labelled = store.labels >= 0
+    train = np.array([i for i in store.indices("train") if labelled[i]], np.int64)
+    val = np.array([i for i in store.indices("val") if labelled[i]], np.int64)
+    test = store.indices("test")
+    if not len(train):
+        raise ValueError(f"{store.path.name} has no labelled videos of split 'train'; extract features of a "
+                         "dataset with a train split")
+    info = {"val_from": "store split 'val'", "stratified": None}
+    if not len(val) and val_fraction > 0:
+        info["val_from"] = f"{val_fraction:g} of split 'train'"
+        try:
+            train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
+                                          stratify=store.labels[train])
+            info["stratified"] = True
+        except ValueError:  # a class with < 2 videos, or fewer validation videos than classes
+            train, val = train_test_split(train, test_size=val_fraction, random_state=seed)
+            info["stratified"] = False
+        train, val = np.sort(train), np.sort(val)
+    elif not len(val):
+        info["val_from"] = "none (val_fraction 0: the last epoch is kept)"
+    info.update(train=len(train), val=len(val), test=len(test))
+    return train, val, test, info
+
+
+class SegmentData:
+    """Rows of a feature store served as padded `Batch`es, from RAM or read from the store per batch.
+
+    Args:
+        store: an open feature store.
+        rows: the store rows this object serves.
+        streams: streams to load.
+        conv: load the conv maps (else only logits, times and masks).
+        pad_to: N segment slots of every batch.
+        max_ram_gb: hold everything in RAM (conv maps as float16) when it needs at most this.
+        progress: show a bar while filling RAM.
+        norm: {stream: ChannelNorm} standardising the conv maps of every served batch (None: as stored);
+            may also be set later with `self.norm = ...` (train_head computes it from this data's rows).
+    """
+
+    def __init__(self, store: FeatureStore, rows: Sequence[int], *, streams: Sequence[str], conv: bool,
+                 pad_to: int, max_ram_gb: float, progress: bool = False, norm: dict | None = None):
+        self.store, self.streams, self.conv, self.pad_to = store, tuple(streams), conv, pad_to
+        self.norm = norm
+        self.rows = np.unique(np.asarray(rows, np.int64))
+        self.nbytes = self.bytes_needed(store, len(self.rows), streams=streams, conv=conv, pad_to=pad_to)
+        self.in_ram = self.nbytes <= max_ram_gb * 2**30
+        self.load_seconds = 0.0
+        if self.in_ram:
+            started = time.perf_counter()
+            self._fill(progress)
+            self.load_seconds = time.perf_counter() - started
+
+    @staticmethod
+    def bytes_needed(store: FeatureStore, num_rows: int, *, streams: Sequence[str], conv: bool, pad_to: int) -> int:
+        """RAM for `num_rows` videos: float16 conv maps, float32 logits and times, masks, labels."""
+        per_segment = 4 + 8 + 1  # t, frame, mask
+        for stream in streams:
+            per_segment += 4 * store.num_classes + (2 * math.prod(store.conv_shape(stream)) if conv else 0)
+        return int(num_rows * (pad_to * per_segment + 16))
+
+    def _fill(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        R, N = len(self.rows), self.pad_to
+        self._conv = {s: torch.empty((R, N) + self.store.conv_shape(s), dtype=torch.float16) for s in self.streams} \
+            if self.conv else {s: None for s in self.streams}
+        self._logits = {s: torch.empty(R, N, self.store.num_classes) for s in self.streams}
+        self._t, self._frame = torch.empty(R, N), torch.empty(R, N, dtype=torch.int64)
+        self._mask, self._label = torch.empty(R, N, dtype=torch.bool), torch.empty(R, dtype=torch.int64)
+        bar = tqdm(total=R, desc="loading features into RAM", unit="video", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        for start in range(0, R, LOAD_BLOCK):
+            part = slice(start, start + LOAD_BLOCK)
+            batch = self.store.load(self.rows[part], streams=self.streams, conv=self.conv, pad_to=N)
+            for s in self.streams:
+                if self.conv:
+                    self._conv[s][part] = batch.conv[s]  # float16: the store's own precision
+                self._logits[s][part] = batch.logits[s]
+            self._t[part], self._frame[part] = batch.t, batch.frame
+            self._mask[part], self._label[part] = batch.mask, batch.label
+            bar.update(len(batch.label))
+        bar.close()
+
+    def load(self, rows: Sequence[int]) -> Batch:
+        """The videos `rows` (store rows, any order) as a float32 batch in that order, standardised
+        with `self.norm` when it is set."""
+        batch = self._load(rows)
+        if self.norm is not None and self.conv:
+            batch.conv = {s: self.norm[s](v) for s, v in batch.conv.items()}
+        return batch
+
+    def _load(self, rows: Sequence[int]) -> Batch:
+        rows = np.asarray(rows, np.int64)
+        if not self.in_ram:
+            return self.store.load(rows, streams=self.streams, conv=self.conv, pad_to=self.pad_to)
+        pos = np.searchsorted(self.rows, rows)
+        if np.any(pos >= len(self.rows)) or np.any(self.rows[np.minimum(pos, len(self.rows) - 1)] != rows):
+            raise KeyError(f"rows {rows.tolist()} are not all held by this SegmentData")
+        pos = torch.from_numpy(pos)
+        conv = {s: None if v is None else v[pos].float() for s, v in self._conv.items()}
+        return Batch(conv, {s: v[pos] for s, v in self._logits.items()}, self._t[pos], self._frame[pos],
+                     self._mask[pos], self._label[pos], torch.from_numpy(rows))
+
+    def batches(self, rows: Sequence[int], batch_size: int) -> Iterator[Batch]:
+        """`rows` in order, `batch_size` at a time; when streaming, the next batch is read in a
+        background thread while the caller works on the current one."""
+        chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        if self.in_ram or len(chunks) < 2:
+            yield from (self.load(c) for c in chunks)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.load, chunks[0])
+            for nxt in chunks[1:] + [None]:
+                batch = pending.result()
+                if nxt is not None:
+                    pending = pool.submit(self.load, nxt)
+                yield batch
+
+
+def head_input(batch: Batch, streams: Sequence[str], device: torch.device, joint: bool):
+    """A `SegmentBatch` on `device` (or {stream: SegmentBatch} for joint-attn) from a store Batch."""
+    parts = {s: SegmentBatch(conv=batch.conv.get(s), logits=batch.logits[s], t=batch.t, mask=batch.mask).to(device)
+             for s in streams}
+    return parts if joint else parts[streams[0]]
