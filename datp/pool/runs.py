@@ -138,7 +138,7 @@ def write_predictions(run_dir: str | Path, p: Mapping[str, np.ndarray], *, ids: 
 
     Args:
         run_dir: the run folder.
-        p: `datp.pool.train.predict`'s arrays.
+        p: `datp.pool.predict.predict`'s arrays.
         ids, class_names, num_frames, fps: per video / per class, in the order of `p`.
         attrs: extra attributes to record.
     """

@@ -80,7 +80,7 @@ def testing_schemes(run_dir: str | Path, *, avg_run: str | Path | None = None, f
         if not len(rows):
             raise ValueError(f"{store.path.name} has no videos of split {split!r}")
         data = run_data(run, store, rows, max_ram_gb=max_ram_gb)
-        # filled in place (see `datp.pool.train.predict` on why not lists of per-batch arrays)
+        # filled in place (see `datp.pool.predict.predict` on why not lists of per-batch arrays)
         V, C = len(rows), len(run.class_names)
         names = [run.name, "P2"] + (["P1"] if mog else [])  # run.name: the head as trained
         logits = {name: np.empty((V, C), np.float32) for name in names}

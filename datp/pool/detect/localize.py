@@ -8,11 +8,10 @@ class scores s (C,). The class-wise segment scores `w_i^c = a_i * s_c` say when 
 2. `localize_video` keeps the classes whose video score passes `class_threshold`, divides each kept
    class's curve by its maximum, cuts it at `segment_threshold` into contiguous runs of segments,
    turns each run into a `Detection` with start/end seconds and a score, and applies per-class NMS.
-3. `to_activitynet_json` / `write_activitynet_json` save detections in ActivityNet's results format,
-   which `datp.pool.detection.read_activitynet_predictions` reads back.
+3. `datp.pool.detect.formats` saves them in ActivityNet's results format (and reads them back);
+   `datp.pool.detect.plots` draws the weights over time against the ground truth.
 
-Also here: `export_weights` / `read_weights` (per-video weights as JSON or CSV) and
-`plot_weights_vs_ground_truth` (a PNG of the weights over time with ground truth shaded).
+`segment_seconds` gives each segment its time span from the frames the segments show.
 """
 
 from __future__ import annotations

@@ -4,17 +4,17 @@
   with a `train_head` run, turns the attention weights a (N,) and the video class probabilities
   s = softmax(logits) (C,) into class-wise segment scores `w_i^c = a_i * s_c`, optionally fuses a
   flow run (`theta * rgb + (1 - theta) * flow`, for w and for s), cuts them into detections with
-  `datp.pool.localize.localize_video` and writes ActivityNet results JSON.
+  `datp.pool.detect.localize.localize_video` and writes ActivityNet results JSON.
 - `localize_arrays(...)` is the pure part (weights, scores, masks, frames -> detections), so it can be
   checked with hand-made weights.
 - `eval_detection(detections, ground_truth, evaluator=...)` reads both files and runs
-  `datp.pool.detection.evaluate_detection`.
+  `datp.pool.detect.evaluators.evaluate_detection`.
 - `plot_videos(...)` draws the attention of a few videos against their ground truth (one PNG each);
   `localize_run(..., plot=DIR, ground_truth=FILE)` calls it.
 
 Segment times come from the store: segment i of a video covers the frame it shows up to the next
 segment's, the first segment starts at frame 0 and the last runs to `videos/num_frames`; seconds
-divide by `videos/fps` (`datp.pool.localize.segment_seconds`). A segment shows `segments/frame` in an
+divide by `videos/fps` (`datp.pool.detect.localize.segment_seconds`). A segment shows `segments/frame` in an
 RGB-only store, and `segments/frame + L // 2` in a store with the flow stream, whose segments read
 flow pairs `start .. start + L - 1` and the RGB frame `start + L // 2` (`datp.extract.features`;
 `shown_frames`).
@@ -58,7 +58,7 @@ NMS_IOU = 0.5
 
 def _predict_rows(run_dir: str | Path, store: FeatureStore, rows: np.ndarray, *, device: str,
                   batch_size: int) -> tuple[dict, list[str]]:
-    """`datp.pool.train.predict` of a run over `rows` of an open store, and the run's class names."""
+    """`datp.pool.predict.predict` of a run over `rows` of an open store, and the run's class names."""
     run = load_run(run_dir, device=device)
     data = run_data(run, store, rows)
     p = predict(run.head, data, rows, batch_size=batch_size, device=run.device)
@@ -266,7 +266,7 @@ def eval_detection(
     Args:
         detections_path: results JSON (`datp localize` writes one).
         ground_truth_path: ActivityNet ground truth JSON, or a THUMOS14 annotation folder.
-        evaluator: "anet" or "thumos14" (see `datp.pool.detection`).
+        evaluator: "anet" or "thumos14" (see `datp.pool.detect.evaluators`).
         subset: the ground truth subset to evaluate ("validation" for ActivityNet JSON, "test" or
             "val" for THUMOS14 folders); None keeps every video (THUMOS14: the only subset present).
         tiou: tIoU thresholds; None uses the evaluator's defaults.

@@ -8,7 +8,7 @@ weights w_i; the video score pools the per-segment class scores I_i with them:
 
 then cross-entropy on S. The paper's Eq. 1 writes sqrt(2 pi sigma_k); a Gaussian density needs
 sigma_k^2, which we use. The gradients (the paper's Eq. 2 and Eq. 4) are what autograd computes;
-`tests/pool/test_datp_head.py` checks them against the closed forms.
+`tests/pool/heads/test_datp.py` checks them against the closed forms.
 
 Choices the paper leaves open, made here:
 - Constraints on the regressed r = (r_rho, r_mu, r_sigma):

@@ -1,7 +1,7 @@
 """End to end on real extracted features: untrimmed synthetic videos -> `datp extract-features --stride`
 -> `datp train-head` (self-attn, sigmoid) -> `datp localize` -> `datp eval-detection`, against chance.
 
-Unlike tests/pool/test_detect_run.py, whose store is written by hand, the features here come from a
+Unlike tests/pool/detect/test_pipeline.py, whose store is written by hand, the features here come from a
 randomly initialised ResNet-18 on the decoded videos, so the head has to find the events in what the
 backbone sees. Chance is the same run's video scores with each video's attention shuffled over its
 segments, or rolled by a random offset (same runs of high weight, moved in time). bench/localize.py
