@@ -95,6 +95,27 @@ def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
     return Dataset(records, class_names, [str(s) for s in sources])
 
 
+def open_dataset(sources: str | Path | list, *, root: str | Path | None = None, split: int = 1,
+                 skip_missing: bool = False) -> tuple[Dataset, list[Record]]:
+    """`load_dataset`, then the rule for videos that are not on disk: an error naming the first one,
+    or, with `skip_missing`, the list of them (the long jobs record them as failures).
+
+    Returns:
+        (dataset, missing records).
+
+    Raises:
+        DatasetError: as `load_dataset`, or a missing video without `skip_missing`.
+    """
+    dataset = load_dataset(sources, root=root, split=split)
+    missing = dataset.missing()
+    if missing and not skip_missing:
+        first = missing[0]
+        raise DatasetError(f"{first.origin}: video {first.path} not found ({len(missing)} of "
+                           f"{len(dataset.records)} missing); check --root, or pass "
+                           "--skip-missing to record them as failures")
+    return dataset, missing
+
+
 def _load_one(source: Path, root: Path | None, split: int) -> Dataset:
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder")

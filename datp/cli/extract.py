@@ -1,0 +1,93 @@
+"""`datp extract-features` (`datp.extract.features.extract_features`) and `datp merge` (shard stores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from datp.cli.common import SOURCE_HELP, defaults, finish, user_errors
+from datp.extract.features import FeatureConfig
+
+D = defaults(FeatureConfig)
+
+
+@click.command("extract-features", epilog=SOURCE_HELP + " Exit codes as extract-flow.")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature store (HDF5).")
+@click.option("--backbone", default=D["backbone"], show_default=True,
+              help="Any torchvision ResNet/ResNeXt/wide ResNet name.")
+@click.option("--weights", default=D["weights"], show_default=True,
+              help="A torchvision ImageNet state_dict file, a datp finetune checkpoint, or "
+              "'random' (seeded; for tests and demos). Nothing is downloaded.")
+@click.option("--flow-weights", default=D["flow_weights"], help="Weights for the flow stream (default: --weights).")
+@click.option("--streams", default=",".join(D["streams"]), show_default=True, help="rgb, flow or rgb,flow.")
+@click.option("--segments", type=int, default=D["num_segments"], show_default=True,
+              help="Segments per video (TSN test sampling: centres of N equal parts).")
+@click.option("--stride", type=int, default=D["stride"],
+              help="One segment every S frames instead (untrimmed videos; variable N).")
+@click.option("--new-length", type=int, default=D["new_length"], show_default=True,
+              help="Flow pairs stacked per segment (2L input channels).")
+@click.option("--flows", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Flow store or jpg folder from extract-flow; default: compute on the fly only "
+              "the pairs the segments read.")
+@click.option("--flow-algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default=D["flow_algorithm"],
+              show_default=True, help="On-the-fly flow algorithm.")
+@click.option("--flow-preset", default=D["flow_preset"], help="On-the-fly flow preset (see extract-flow).")
+@click.option("--flow-short-side", type=int, default=D["flow_short_side"], show_default=True,
+              help="On-the-fly flow: resize the short side first (0: source size).")
+@click.option("--bound", type=float, default=D["flow_bound"], show_default=True,
+              help="On-the-fly flow quantization bound.")
+@click.option("--resize", type=int, default=D["resize"], show_default=True,
+              help="Short side before cropping.")
+@click.option("--input-size", type=int, default=D["input_size"], show_default=True, help="Crop size.")
+@click.option("--ten-crop", is_flag=True, help="Ten-crop test-time augmentation, averaged per "
+              "segment.")
+@click.option("--batch-size", type=int, default=D["batch_size"], show_default=True,
+              help="Images per backbone forward (across videos).")
+@click.option("--workers", type=int, default=D["workers"], show_default=True,
+              help="Decoding/flow worker processes.")
+@click.option("--shard", default=None, help="Do shard i/n (default: torchrun's RANK/WORLD_SIZE).")
+@click.option("--device", default=D["device"], show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--seed", type=int, default=D["seed"], show_default=True, help="Seed of random weights.")
+@click.option("--root", type=click.Path(path_type=Path), default=None)
+@click.option("--split", type=int, default=1, show_default=True)
+@click.option("--skip-missing", is_flag=True, help="Record missing videos as failures and go on.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams, segments, stride,
+                         new_length, flows, flow_algorithm, flow_preset, flow_short_side, bound,
+                         resize, input_size, ten_crop, batch_size, workers, shard, device, seed,
+                         root, split, skip_missing, quiet):
+    """Dump each segment's last conv map and class scores (RGB and flow) to a feature store.
+
+    Resumable and crash-safe like extract-flow; every setting is recorded in the store.
+    """
+    from datp.extract.features import extract_features, shard_out
+    from datp.io.datasets import open_dataset, parse_shard
+
+    cfg = FeatureConfig(
+        out=str(out), backbone=backbone, weights=weights, flow_weights=flow_weights,
+        streams=tuple(s.strip() for s in streams.split(",") if s.strip()), num_segments=segments,
+        stride=stride, new_length=new_length, flows=str(flows) if flows else None,
+        flow_algorithm=flow_algorithm, flow_preset=flow_preset, flow_bound=bound,
+        flow_short_side=flow_short_side, resize=resize, input_size=input_size,
+        num_crops=10 if ten_crop else 1, batch_size=batch_size, workers=workers,
+        shard=parse_shard(shard), device=device, seed=seed)
+    dataset, missing = open_dataset(list(sources), root=root, split=split, skip_missing=skip_missing)
+    summary = extract_features(dataset, cfg, progress=not quiet, missing=missing)
+    finish(summary, Path(f"{shard_out(cfg.out, cfg.shard)}.failures.csv"), "extract-features")
+
+
+@click.command("merge")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--copy", is_flag=True, help="Copy the data into one self-contained file "
+              "(default: link to the inputs, which must then stay in place).")
+@user_errors
+def merge_cmd(inputs, out, copy):
+    """Join the shard stores of one run (flow or feature stores) into one store."""
+    from datp.extract.merge import merge_stores
+
+    count = merge_stores(list(inputs), out, copy=copy)
+    click.echo(f"merged {count} videos from {len(inputs)} stores into {out}")
