@@ -259,18 +259,9 @@ class ClipDataset(torch.utils.data.Dataset):
     def _flow_stacks(self, record: Record, pairs: np.ndarray) -> np.ndarray:
         needed = np.unique(pairs)
         if Path(self.flows).is_dir():
-            import cv2
+            from datp.flows.jpg import read_flow_pairs, video_dir
 
-            from datp.flows.jpg import video_dir
-
-            folder = video_dir(Path(self.flows), record)
-            table = {}
-            for j in needed.tolist():  # jpg names count pairs from 1
-                x = cv2.imread(str(folder / f"flow_x_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-                y = cv2.imread(str(folder / f"flow_y_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-                if x is None or y is None:
-                    raise FileNotFoundError(f"{folder}: flow pair {j + 1} is missing; rerun datp extract-flow")
-                table[j] = np.stack([x, y], -1)
+            table = read_flow_pairs(video_dir(Path(self.flows), record), needed)
         else:
             if self._store is None:
                 from datp.flows.store import FlowStore

@@ -238,6 +238,18 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def shard_out(out: str | Path, shard: tuple[int, int], *, shared: bool = False) -> Path:
+    """The output of shard (i, n): `x.h5` with shard (2, 4) -> `x.shard2of4.h5`.
+
+    One shard of one (n == 1), or an output `shared` by all shards (a folder of per-video files,
+    e.g. extract-flow's jpg folders), keeps `out` itself.
+    """
+    out = Path(out)
+    if shard[1] == 1 or shared:
+        return out
+    return out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
+
+
 def shard_records(records: list[Record], index: int, count: int) -> list[Record]:
     """The records of shard `index` of `count`, by a stable hash of the id.
 
