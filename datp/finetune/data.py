@@ -22,6 +22,7 @@ import torch
 from datp.extract.sampling import frame_indices, segment_indices, segment_times
 from datp.extract.transforms import flow_to_tensor, flow_train, rgb_to_tensor, rgb_train
 from datp.io.datasets import Dataset, Record
+from datp.io.splits import carve_validation
 
 
 @dataclass
@@ -33,30 +34,22 @@ class Splits:
     test: list[Record]
 
 
-def carve_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Hold out a seeded, class-stratified share of `records` for validation.
 
-    Class c with n_c videos gives `min(floor(fraction * n_c + 0.5), n_c - 1)` of them, chosen by a
-    generator seeded with `(seed, c)`, so every class keeps at least one training video (a class
-    with a single video gives none). Order within each part is the input order.
+    The rule is train-head's, `datp.io.splits.carve_validation` over the records' labels
+    (scikit-learn's stratified split of `ceil(fraction * n)` videos, unstratified when a class
+    is too small). Order within each part is the input order.
 
     Returns:
         (train, val), a partition of `records`.
     """
-    held: set[int] = set()
-    labels = np.array([r.label for r in records])
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        take = min(int(np.floor(fraction * len(members) + 0.5)), len(members) - 1)
-        if take > 0:
-            rng = np.random.default_rng([seed, int(c) + 1])  # +1: SeedSequence needs entries >= 0
-            held.update(rng.choice(members, size=take, replace=False).tolist())
-    return ([r for i, r in enumerate(records) if i not in held],
-            [r for i, r in enumerate(records) if i in held])
+    train, val = carve_validation([r.label for r in records], fraction, seed)
+    return [records[i] for i in train], [records[i] for i in val]
 
 
 def split_dataset(dataset: Dataset, *, train_split: str = "train", test_split: str = "test",
-                  val_fraction: float = 0.1, seed: int = 0) -> Splits:
+                  val_fraction: float = 0.2, seed: int = 0) -> Splits:
     """Train on `train_split`; validate on split "val" records, else on a share carved from train.
 
     The test split is never used for validation or model choice.
@@ -79,7 +72,7 @@ def split_dataset(dataset: Dataset, *, train_split: str = "train", test_split: s
     if train_split != "val" and by_split.get("val"):
         val = by_split["val"]
     else:
-        train, val = carve_validation(train, val_fraction, seed)
+        train, val = hold_out(train, val_fraction, seed)
     test = by_split.get(test_split, []) if test_split != train_split else []
     return Splits(train, val, [r for r in test if r.label >= 0])
 

@@ -15,14 +15,16 @@ from datp.extract.transforms import flow_to_tensor, rgb_to_tensor
 from datp.finetune.data import (
     ClipDataset,
     EpochSampler,
-    carve_validation,
     epoch_order,
     flow_counts,
+    hold_out,
     split_dataset,
 )
+from datp.finetune.config import FinetuneConfig
 from datp.flows.store import FlowStore
 from datp.io.datasets import Dataset, Record, load_dataset
 from datp.io.decode import read_video
+from datp.io.splits import carve_validation
 from ft_fixtures import flows, manifest
 
 
@@ -44,17 +46,30 @@ def _close(got, want, atol=0.0):
     assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
-def test_carve_validation_is_stratified_seeded_and_keeps_a_training_video_per_class():
-    records = _records([0] * 5 + [1] * 3 + [2])
-    train, val = carve_validation(records, 0.4, seed=0)
-    # class 0: floor(0.4 * 5 + 0.5) = 2; class 1: floor(1.2 + 0.5) = 1; class 2 (one video): 0
-    assert Counter(r.label for r in val) == {0: 2, 1: 1}
+def test_hold_out_is_train_heads_stratified_seeded_split():
+    records = _records([0] * 5 + [1] * 5 + [2] * 5)
+    train, val = hold_out(records, 0.4, seed=0)
+    # ceil(0.4 * 15) = 6 held out, stratified: 2 of each class
+    assert Counter(r.label for r in val) == {0: 2, 1: 2, 2: 2}
     assert sorted(r.id for r in train + val) == sorted(r.id for r in records)
-    assert carve_validation(records, 0.4, seed=0) == (train, val)
-    picks = {tuple(r.id for r in carve_validation(records, 0.4, seed=s)[1]) for s in range(6)}
+    assert [r.id for r in train] == [r.id for r in records if r in train]  # input order
+    assert [r.id for r in val] == [r.id for r in records if r in val]
+    rows = carve_validation([r.label for r in records], 0.4, seed=0)  # the shared rule itself
+    assert ([records[i] for i in rows[0]], [records[i] for i in rows[1]]) == (train, val)
+    assert hold_out(records, 0.4, seed=0) == (train, val)
+    picks = {tuple(r.id for r in hold_out(records, 0.4, seed=s)[1]) for s in range(6)}
     assert len(picks) > 1, "the seed does not change the held-out videos"
-    train, val = carve_validation(_records([0, 0]), 0.9, seed=0)  # floor(1.8 + 0.5) = 2, capped at 2 - 1
-    assert len(train) == 1 and len(val) == 1
+    # a class with a single video cannot be stratified: the plain seeded split, same count
+    train, val = hold_out(_records([0] * 5 + [1] * 3 + [2]), 0.4, seed=0)
+    assert len(val) == 4 and len(train) == 5
+    train, val = hold_out(_records([0, 0, 1]), 0.0, seed=0)
+    assert len(train) == 3 and val == []
+
+
+def test_split_dataset_holds_out_a_fifth_by_default():
+    splits = split_dataset(Dataset(_records([0] * 5 + [1] * 5)), seed=0)
+    assert len(splits.val) == 2 and Counter(r.label for r in splits.val) == {0: 1, 1: 1}
+    assert FinetuneConfig(sources=("a",), out="b").val_fraction == 0.2
 
 
 def test_split_uses_val_records_when_present_and_never_test():
