@@ -21,7 +21,7 @@ import torch
 
 from datp.extract.sampling import frame_indices, segment_indices, segment_times
 from datp.extract.transforms import flow_to_tensor, flow_train, rgb_to_tensor, rgb_train
-from datp.io.datasets import Dataset, Record
+from datp.io.datasets import Dataset, Record, class_names_or_numbers
 from datp.io.splits import carve_validation
 
 
@@ -79,10 +79,8 @@ def split_dataset(dataset: Dataset, *, train_split: str = "train", test_split: s
 
 def class_names(dataset: Dataset, splits: Splits) -> list[str]:
     """The dataset's class names, else "0", "1", ... up to the largest label."""
-    if dataset.class_names:
-        return list(dataset.class_names)
-    top = max(r.label for part in (splits.train, splits.val, splits.test) for r in part)
-    return [str(c) for c in range(top + 1)]
+    return class_names_or_numbers(dataset.class_names, [r.label for part in (splits.train, splits.val, splits.test)
+                                                        for r in part])
 
 
 def epoch_order(num_items: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:

@@ -228,6 +228,18 @@ def _load_tree(folder: Path) -> Dataset:
     return Dataset(records, classes)
 
 
+def class_names_or_numbers(class_names, labels) -> list[str]:
+    """`class_names` when there are any, else "0", "1", ... up to the largest known label (>= 0).
+
+    Returns:
+        The names; [] when there are no names and no known labels.
+    """
+    if len(class_names):
+        return list(class_names)
+    known = [int(label) for label in labels if label >= 0]
+    return [str(c) for c in range(max(known) + 1)] if known else []
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Parse `i/n` (0 <= i < n); without text, use torchrun's RANK/WORLD_SIZE, else 0/1."""
     if text is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datp.io.datasets import shard_out
+from datp.io.datasets import class_names_or_numbers, shard_out
 from datp.io.options import parse_numbers
 from datp.io.settings import check_settings, marked_settings
 from datp.io.splits import carve_validation, split_validation
@@ -62,3 +62,9 @@ def test_carve_validation_is_sklearns_stratified_split_sorted():
     assert not stratified and val.tolist() == sorted(want_val.tolist())
     train, val = carve_validation(labels, 0.0, seed=0)
     assert train.tolist() == list(range(20)) and val.tolist() == []
+
+
+def test_class_names_or_numbers():
+    assert class_names_or_numbers(["a", "b"], [0, 5]) == ["a", "b"]
+    assert class_names_or_numbers([], np.array([2, -1, 0])) == ["0", "1", "2"]
+    assert class_names_or_numbers([], [-1]) == []
