@@ -26,24 +26,11 @@ from datp.io.datasets import Dataset, Record, load_dataset
 from datp.io.decode import read_video
 from datp.io.splits import carve_validation
 from ft_fixtures import flows, manifest
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads than free cores only adds waiting
-    yield
-    torch.set_num_threads(threads)
+from datp_testing import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 
 def _records(labels, split="train"):
     return [Record(f"v{i}", Path(f"v{i}.mp4"), label, split) for i, label in enumerate(labels)]
-
-
-def _close(got, want, atol=0.0):
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 def test_hold_out_is_train_heads_stratified_seeded_split():
@@ -110,7 +97,7 @@ def test_train_clips_depend_only_on_seed_epoch_and_index():
     records = load_dataset(manifest()).records[:3]
     clips = _rgb(records, True)
     a, b = clips[(0, 1)], _rgb(records, True)[(0, 1)]
-    _close(a["x"], b["x"])
+    assert_close(a["x"], b["x"])
     assert torch.equal(a["t"], b["t"]) and a["label"] == records[1].label
     later = clips[(1, 1)]
     assert not torch.equal(a["x"], later["x"]), "another epoch must draw other offsets / crops"
@@ -121,8 +108,8 @@ def test_eval_clips_are_tsn_test_sampling_and_centre_crop():
     item = _rgb([record], False)[(7, 0)]  # the epoch is ignored in eval mode
     frames, _ = read_video(record.path, short_side=64)
     starts = segment_indices(len(frames), 3, 1, "test")
-    _close(item["x"], rgb_to_tensor(frames[starts], resize=64, crop=56)[:, 0])
-    _close(item["t"], torch.from_numpy(segment_times(starts, 1, len(frames))))
+    assert_close(item["x"], rgb_to_tensor(frames[starts], resize=64, crop=56)[:, 0])
+    assert_close(item["t"], torch.from_numpy(segment_times(starts, 1, len(frames))))
 
 
 def test_rgb_decoding_with_a_known_frame_count_stops_early_and_reads_the_same_frames():
@@ -131,7 +118,7 @@ def test_rgb_decoding_with_a_known_frame_count_stops_early_and_reads_the_same_fr
     for train in (True, False):
         full, early = _rgb(records, train), _rgb(records, train, flow_pairs=counts)
         for key in ((0, 0), (3, 1)):
-            _close(early[key]["x"], full[key]["x"])
+            assert_close(early[key]["x"], full[key]["x"])
 
 
 def test_flow_clips_read_the_sampled_pairs_from_a_store_and_from_jpg_folders():
@@ -151,7 +138,7 @@ def test_flow_clips_read_the_sampled_pairs_from_a_store_and_from_jpg_folders():
                 folder = source / record.id
                 stacks = np.stack([[np.stack([cv2.imread(str(folder / f"flow_{a}_{j + 1:05d}.jpg"), 0)
                                               for a in "xy"], -1) for j in row] for row in pairs])
-            _close(clips[(0, i)]["x"], flow_to_tensor(stacks, resize=48, crop=40)[:, 0])
+            assert_close(clips[(0, i)]["x"], flow_to_tensor(stacks, resize=48, crop=40)[:, 0])
 
 
 def test_flow_counts_names_a_video_without_flow():
