@@ -1,4 +1,5 @@
-"""Test helpers shared by every test folder: tiny lossless videos, and the shared real data.
+"""Test helpers shared by every test folder: tiny lossless videos, the shared real data, tensor
+comparison, running the CLI, and one torch thread per test.
 
 A plain module (not a conftest.py): several folders have a conftest.py, and `from conftest
 import ...` would pick whichever pytest imported first."""
@@ -51,3 +52,32 @@ def moving_texture(num_frames: int, height: int = 48, width: int = 64, shift=(2,
         y0, x0 = 4 * num_frames - shift[1] * t, 4 * num_frames - shift[0] * t
         frames.append(big[y0:y0 + height, x0:x0 + width])
     return np.stack(frames)
+
+
+def assert_close(got, want, atol=0.0):
+    """Two tensors have the same shape and differ by at most `atol` anywhere."""
+    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    diff = (got - want).abs().max().item()
+    assert diff <= atol, f"max |diff| {diff} > {atol}"
+
+
+def run_cli(*args):
+    """Run `datp ARGS...` in-process (arguments str()-ed); (exit code, output)."""
+    from click.testing import CliRunner
+
+    from datp.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread during each test of a module that imports this fixture (autouse there):
+    on 2 shared cores more threads than free cores only adds waiting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

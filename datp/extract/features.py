@@ -30,9 +30,10 @@ import torch
 from datp.extract import store as fstore
 from datp.extract.sampling import frame_indices, segment_indices, segment_times, stride_indices
 from datp.extract.transforms import flow_to_tensor, rgb_to_tensor
-from datp.io.datasets import Dataset, Record, shard_records
+from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
 from datp.io.runner import FailureLog, Summary
+from datp.io.settings import check_settings, marked_settings
 
 INDEX_SECONDS = 10.0
 
@@ -215,19 +216,9 @@ class VideoItems(torch.utils.data.Dataset):
                 gray[j] = to_gray(frames[j])
             table = {j: quantize(computer(gray[j], gray[j + 1]), self.flow["bound"]) for j in needed}
         elif Path(self.flow["source"]).is_dir():
-            import cv2
+            from datp.flows.jpg import read_flow_pairs, video_dir
 
-            from datp.flows.jpg import video_dir
-
-            folder = video_dir(Path(self.flow["source"]), record)
-            table = {}
-            for j in needed:
-                x = cv2.imread(str(folder / f"flow_x_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-                y = cv2.imread(str(folder / f"flow_y_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-                if x is None or y is None:
-                    raise FileNotFoundError(f"{folder}: flow pair {j + 1} is missing; "
-                                            "rerun datp extract-flow --format jpg")
-                table[j] = np.stack([x, y], -1)
+            table = read_flow_pairs(video_dir(Path(self.flow["source"]), record), needed)
         else:
             from datp.flows.store import FlowStore
 
@@ -284,13 +275,6 @@ def _store_attrs(cfg: FeatureConfig, class_names: list[str], info: dict, flow: d
         resize=cfg.resize, flow=flow if "flow" in cfg.streams else {},
         models=info, logit_classes=list(logit_classes),
         logits_match_labels=bool(class_names) and list(logit_classes) == list(class_names))
-
-
-def shard_out(out: str, shard: tuple[int, int]) -> Path:
-    out = Path(out)
-    if shard[1] == 1:
-        return out
-    return out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
 
 
 def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = True,
@@ -431,28 +415,16 @@ def _write(out: Path, p: _Pending, cfg: FeatureConfig) -> int:
     return images
 
 
+SETTINGS_ONLY = ("settings", "created", "datp_version", "index_only")  # may differ in a rerun
+
+
 def _check_same_run(out: Path, attrs: dict) -> None:
     """Refuse to mix features of other settings into an existing store or its parts."""
     from datp.io.atomic import parts_dir
 
-    keep = ("settings", "created", "datp_version", "index_only")
-    key = json.dumps({k: v for k, v in attrs.items() if k not in keep}, sort_keys=True, default=str)
+    key = {k: v for k, v in attrs.items() if k not in SETTINGS_ONLY}
     marker = parts_dir(out) / "settings.json"
-    old = None
-    if marker.is_file():
-        old = marker.read_text()
-    elif out.is_file():
-        import h5py
-
-        with h5py.File(out, "r") as f:
-            if f.attrs.get("datp_kind") == fstore.KIND:
-                old = json.dumps({k: (v.item() if isinstance(v, np.generic) else v)
-                                  for k, v in f.attrs.items() if k not in keep},
-                                 sort_keys=True, default=str)
-    if old is not None and json.loads(old) != json.loads(key):
-        a, b = json.loads(old), json.loads(key)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ValueError(f"{out} holds features made with other settings ({', '.join(diff)} "
-                         "differ); use another --out, or the same settings to resume")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    same = {"what": "features", "ignore": SETTINGS_ONLY}
+    if not marker.is_file():
+        check_settings(out, fstore.stored_attrs(out), key, **same)
+    marked_settings(marker, key, where=out, **same)

@@ -11,6 +11,8 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from datp.io.options import parse_numbers
+
 STREAMS = ("rgb", "flow")
 SCHEDULES = ("step", "cosine")
 BN_FREEZE = ("none", "partial", "all")
@@ -37,8 +39,9 @@ class FinetuneConfig:
         flows: flow store (.h5) or jpg folder from `datp extract-flow` (required for flow).
         root, split: as in extract-flow (video folder of list files; official split number).
         train_split, test_split: the record splits to train on and to report at the end.
-        val_fraction: share of each class's training videos held out (seeded) to pick the best
-            epoch, unless the dataset has records of split "val" (those are used instead).
+        val_fraction: share of the training videos held out (seeded, stratified by class:
+            `datp.io.splits.carve_validation`, the rule train-head uses) to pick the best epoch,
+            unless the dataset has records of split "val" (those are used instead).
         short_side: RGB decode size (short side), resize: short side before cropping,
             input_size: crop size S.
         multi_scale: TSN's multi-scale crop (else a plain random crop).
@@ -76,7 +79,7 @@ class FinetuneConfig:
     split: int = 1
     train_split: str = "train"
     test_split: str = "test"
-    val_fraction: float = 0.1
+    val_fraction: float = 0.2
     short_side: int = 256
     resize: int = 256
     input_size: int = 224
@@ -149,11 +152,8 @@ class FinetuneConfig:
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
-    """"30,60" -> (30, 60) (for --lr-steps); "" -> ()."""
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise ValueError(f"{text!r} must be comma-separated integers, e.g. 30,60") from None
+    """"30,60" -> (30, 60) (for --lr-steps); "" -> (). See `datp.io.options.parse_numbers`."""
+    return parse_numbers(text, kind=int, what="--lr-steps")
 
 
 def lr_factor(epoch: int, cfg: FinetuneConfig) -> float:

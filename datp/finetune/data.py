@@ -21,7 +21,8 @@ import torch
 
 from datp.extract.sampling import frame_indices, segment_indices, segment_times
 from datp.extract.transforms import flow_to_tensor, flow_train, rgb_to_tensor, rgb_train
-from datp.io.datasets import Dataset, Record
+from datp.io.datasets import Dataset, Record, class_names_or_numbers
+from datp.io.splits import carve_validation
 
 
 @dataclass
@@ -33,30 +34,22 @@ class Splits:
     test: list[Record]
 
 
-def carve_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Hold out a seeded, class-stratified share of `records` for validation.
 
-    Class c with n_c videos gives `min(floor(fraction * n_c + 0.5), n_c - 1)` of them, chosen by a
-    generator seeded with `(seed, c)`, so every class keeps at least one training video (a class
-    with a single video gives none). Order within each part is the input order.
+    The rule is train-head's, `datp.io.splits.carve_validation` over the records' labels
+    (scikit-learn's stratified split of `ceil(fraction * n)` videos, unstratified when a class
+    is too small). Order within each part is the input order.
 
     Returns:
         (train, val), a partition of `records`.
     """
-    held: set[int] = set()
-    labels = np.array([r.label for r in records])
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        take = min(int(np.floor(fraction * len(members) + 0.5)), len(members) - 1)
-        if take > 0:
-            rng = np.random.default_rng([seed, int(c) + 1])  # +1: SeedSequence needs entries >= 0
-            held.update(rng.choice(members, size=take, replace=False).tolist())
-    return ([r for i, r in enumerate(records) if i not in held],
-            [r for i, r in enumerate(records) if i in held])
+    train, val = carve_validation([r.label for r in records], fraction, seed)
+    return [records[i] for i in train], [records[i] for i in val]
 
 
 def split_dataset(dataset: Dataset, *, train_split: str = "train", test_split: str = "test",
-                  val_fraction: float = 0.1, seed: int = 0) -> Splits:
+                  val_fraction: float = 0.2, seed: int = 0) -> Splits:
     """Train on `train_split`; validate on split "val" records, else on a share carved from train.
 
     The test split is never used for validation or model choice.
@@ -79,17 +72,15 @@ def split_dataset(dataset: Dataset, *, train_split: str = "train", test_split: s
     if train_split != "val" and by_split.get("val"):
         val = by_split["val"]
     else:
-        train, val = carve_validation(train, val_fraction, seed)
+        train, val = hold_out(train, val_fraction, seed)
     test = by_split.get(test_split, []) if test_split != train_split else []
     return Splits(train, val, [r for r in test if r.label >= 0])
 
 
 def class_names(dataset: Dataset, splits: Splits) -> list[str]:
     """The dataset's class names, else "0", "1", ... up to the largest label."""
-    if dataset.class_names:
-        return list(dataset.class_names)
-    top = max(r.label for part in (splits.train, splits.val, splits.test) for r in part)
-    return [str(c) for c in range(top + 1)]
+    return class_names_or_numbers(dataset.class_names, [r.label for part in (splits.train, splits.val, splits.test)
+                                                        for r in part])
 
 
 def epoch_order(num_items: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
@@ -259,18 +250,9 @@ class ClipDataset(torch.utils.data.Dataset):
     def _flow_stacks(self, record: Record, pairs: np.ndarray) -> np.ndarray:
         needed = np.unique(pairs)
         if Path(self.flows).is_dir():
-            import cv2
+            from datp.flows.jpg import read_flow_pairs, video_dir
 
-            from datp.flows.jpg import video_dir
-
-            folder = video_dir(Path(self.flows), record)
-            table = {}
-            for j in needed.tolist():  # jpg names count pairs from 1
-                x = cv2.imread(str(folder / f"flow_x_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-                y = cv2.imread(str(folder / f"flow_y_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-                if x is None or y is None:
-                    raise FileNotFoundError(f"{folder}: flow pair {j + 1} is missing; rerun datp extract-flow")
-                table[j] = np.stack([x, y], -1)
+            table = read_flow_pairs(video_dir(Path(self.flows), record), needed)
         else:
             if self._store is None:
                 from datp.flows.store import FlowStore

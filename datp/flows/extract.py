@@ -10,7 +10,6 @@ jpg folder (`datp.flows.jpg`). See docs/architecture.md for the guarantees.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +19,11 @@ import numpy as np
 
 from datp.flows.compute import FlowComputer, set_single_thread
 from datp.flows.quantize import quantize
+from datp.io import datasets
 from datp.io.datasets import Dataset, Record, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
 from datp.io.runner import FailureLog, Summary, run_jobs
+from datp.io.settings import check_settings, marked_settings
 
 CHUNK_PAIRS = 16  # flow pairs per message from a worker: bounds memory for hour-long videos
 INDEX_SECONDS = 10.0  # how often the store's index is rewritten during a run
@@ -128,31 +129,12 @@ def _chunk(flows: list, images: list, with_rgb: bool):
 RUN_ONLY = ("workers", "shard", "out")  # settings that may change between runs of one store
 
 
-def _check_settings(where: Path, old: dict | None, new: dict) -> None:
-    """Refuse to mix outputs of different settings in one store (resume needs the same ones)."""
-    a = {k: v for k, v in json.loads(json.dumps(old or {})).items() if k not in RUN_ONLY}
-    b = {k: v for k, v in json.loads(json.dumps(new)).items() if k not in RUN_ONLY}
-    if a and a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        raise ValueError(f"{where} holds flow made with other settings ({', '.join(diff)} "
-                         "differ); use another --out, or the same settings to resume")
-
-
-def _marked_settings(marker: Path, settings: dict) -> None:
-    """Check `settings` against the run's marker file, writing it on the first run."""
-    if marker.is_file():
-        _check_settings(marker.parent, json.loads(marker.read_text()), settings)
-    else:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(settings, indent=2, sort_keys=True))
-
-
 def shard_out(out: str, shard: tuple[int, int], fmt: str) -> Path:
-    """`flows.h5` with shard (2, 4) -> `flows.shard2of4.h5` (jpg folders are shared by shards)."""
-    out = Path(out)
-    if shard[1] == 1 or fmt == "jpg":
-        return out
-    return out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
+    """`flows.h5` with shard (2, 4) -> `flows.shard2of4.h5` (jpg folders are shared by shards).
+
+    Kept for callers of the old name; the rule is `datp.io.datasets.shard_out`.
+    """
+    return datasets.shard_out(out, shard, shared=fmt == "jpg")
 
 
 def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
@@ -172,22 +154,22 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
 
     from datp.flows import jpg, store
 
-    out = shard_out(cfg.out, cfg.shard, cfg.format)
+    out = datasets.shard_out(cfg.out, cfg.shard, shared=cfg.format == "jpg")
     records = shard_records(dataset.records, *cfg.shard)
     settings = cfg.settings()
+    same = {"what": "flow", "ignore": RUN_ONLY}
     if cfg.format == "h5":
         from datp.io.atomic import parts_dir
 
-        _marked_settings(parts_dir(out) / "settings.json", settings)
+        marked_settings(parts_dir(out) / "settings.json", settings, indent=2, **same)
         if out.is_file():
-            with store.h5py.File(out, "r") as f:
-                _check_settings(out, json.loads(f.attrs.get("settings", "{}")), settings)
+            check_settings(out, store.stored_settings(out), settings, **same)
         finished = store.done_ids(out)
         store.open_for_update(out)
         store.write_store(out, records, settings, final=False)
         sink = store.FlowPartWriter(out)
     else:
-        _marked_settings(out / "datp_flow_settings.json", settings)
+        marked_settings(out / "datp_flow_settings.json", settings, indent=2, **same)
         finished = jpg.done_ids(out, records)
         sink = jpg.JpgWriter(out, with_rgb=cfg.rgb)
     absent = {r.id for r in missing}

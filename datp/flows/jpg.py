@@ -37,6 +37,26 @@ def done_ids(out: Path, records: list[Record]) -> set[str]:
     return {r.id for r in records if video_dir(out, r).is_dir()}
 
 
+def read_flow_pairs(folder: Path, pairs) -> dict[int, np.ndarray]:
+    """Quantized flow pairs of a video's frame folder: {pair j: (H, W, 2) uint8, x then y}.
+
+    Pair j (0-based, frame j -> j + 1) is `flow_x_{j + 1:05d}.jpg` / `flow_y_...`.
+
+    Raises:
+        FileNotFoundError: a pair's image is missing or unreadable.
+    """
+    folder = Path(folder)
+    table = {}
+    for j in np.asarray(pairs).tolist():
+        x = cv2.imread(str(folder / f"flow_x_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
+        y = cv2.imread(str(folder / f"flow_y_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
+        if x is None or y is None:
+            raise FileNotFoundError(f"{folder}: flow pair {j + 1} is missing; "
+                                    "rerun datp extract-flow --format jpg")
+        table[j] = np.stack([x, y], -1)
+    return table
+
+
 def count_frames(folder: Path) -> tuple[int, int]:
     """(rgb images, flow pairs) in a frame folder."""
     names = os.listdir(folder)

@@ -19,7 +19,6 @@ groups are external links to the parts, rewritten atomically; at the end the par
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from pathlib import Path
@@ -28,22 +27,20 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-import datp
 from datp.io.atomic import atomic_path, finished_parts, parts_dir
 from datp.io.datasets import Record, safe_name
+from datp.io.h5header import StoreError, check_header, header
 
 SCHEMA = 1
 KIND = "flow"
 
 
-class StoreError(ValueError):
-    """A store that is missing, of another kind or schema, or lacks what is asked for."""
+__all__ = ["KIND", "SCHEMA", "FlowPartWriter", "FlowStore", "StoreError", "done_ids",
+           "merge_stores", "open_for_update", "stored_settings", "write_store"]
 
 
 def _file_attrs(settings: dict) -> dict:
-    return {"datp_schema": SCHEMA, "datp_kind": KIND, "datp_version": datp.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "settings": json.dumps(settings, sort_keys=True)}
+    return {**header(KIND, SCHEMA), "settings": json.dumps(settings, sort_keys=True)}
 
 
 class FlowPartWriter:
@@ -133,6 +130,12 @@ def done_ids(out: Path) -> set[str]:
     return ids
 
 
+def stored_settings(out: Path) -> dict:
+    """The settings recorded in the file `out` (an index or a final store); {} when none."""
+    with h5py.File(out, "r") as f:
+        return json.loads(f.attrs.get("settings", "{}"))
+
+
 def _part_id(path: Path) -> str:
     with h5py.File(path, "r") as f:
         return str(f["video"].attrs["id"])
@@ -213,13 +216,12 @@ class FlowStore:
         if not self.path.is_file():
             raise StoreError(f"{self.path}: no such flow store; run datp extract-flow first")
         self._file = h5py.File(self.path, "r")
-        kind = self._file.attrs.get("datp_kind")
-        schema = self._file.attrs.get("datp_schema")
-        if kind != KIND:
-            raise StoreError(f"{self.path} is not a flow store (datp_kind={kind!r})")
-        if schema != SCHEMA:
-            raise StoreError(f"{self.path} has flow store schema {schema}; this datp reads "
-                             f"schema {SCHEMA}: re-run datp extract-flow or use a matching datp")
+        try:
+            check_header(self._file.attrs, self.path, kind=KIND, schema=SCHEMA, noun="flow store",
+                         fix="re-run datp extract-flow or use a matching datp")
+        except StoreError:
+            self._file.close()
+            raise
         self.settings = json.loads(self._file.attrs["settings"])
         self._names = {self._file["videos"][n].attrs["id"]: n for n in self._file["videos"]}
 

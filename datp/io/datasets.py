@@ -249,6 +249,18 @@ def _load_tree(folder: Path) -> Dataset:
     return Dataset(records, classes)
 
 
+def class_names_or_numbers(class_names, labels) -> list[str]:
+    """`class_names` when there are any, else "0", "1", ... up to the largest known label (>= 0).
+
+    Returns:
+        The names; [] when there are no names and no known labels.
+    """
+    if len(class_names):
+        return list(class_names)
+    known = [int(label) for label in labels if label >= 0]
+    return [str(c) for c in range(max(known) + 1)] if known else []
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Parse `i/n` (0 <= i < n); without text, use torchrun's RANK/WORLD_SIZE, else 0/1."""
     if text is None:
@@ -257,6 +269,18 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if not match or not 0 <= int(match[1]) < int(match[2]):
         raise ValueError(f"shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
     return int(match[1]), int(match[2])
+
+
+def shard_out(out: str | Path, shard: tuple[int, int], *, shared: bool = False) -> Path:
+    """The output of shard (i, n): `x.h5` with shard (2, 4) -> `x.shard2of4.h5`.
+
+    One shard of one (n == 1), or an output `shared` by all shards (a folder of per-video files,
+    e.g. extract-flow's jpg folders), keeps `out` itself.
+    """
+    out = Path(out)
+    if shard[1] == 1 or shared:
+        return out
+    return out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
 
 
 def shard_records(records: list[Record], index: int, count: int) -> list[Record]:

@@ -14,12 +14,7 @@ from datp.extract.backbones import (
     save_checkpoint,
 )
 from datp.extract.transforms import FLOW_MEAN, IMAGENET_MEAN
-
-
-def _close(got, want, atol=0.0):
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
+from datp_testing import assert_close
 
 
 def _same_state(a: dict, b: dict, skip=()):
@@ -44,13 +39,13 @@ def test_cross_modality_init(rgb, flow):
     v = flow.conv1.weight.detach()  # (64, 10, 7, 7)
     assert v.shape == (64, 10, 7, 7)
     mean = w.mean(dim=1, keepdim=True)
-    _close(v, mean.expand(-1, 10, -1, -1))  # exact
-    _close(v[:, 3], (w[:, 0] + w[:, 1] + w[:, 2]) / 3, atol=1e-7)
+    assert_close(v, mean.expand(-1, 10, -1, -1))  # exact
+    assert_close(v[:, 3], (w[:, 0] + w[:, 1] + w[:, 2]) / 3, atol=1e-7)
     # same seed: everything but conv1 is the RGB network's
     _same_state(flow.state_dict(), rgb.state_dict() | {"conv1.weight": v}, skip=("conv1.weight",))
     before = w.clone()
     cross_modality_conv1(rgb.conv1, 4)
-    _close(rgb.conv1.weight.detach(), before)  # input left unchanged
+    assert_close(rgb.conv1.weight.detach(), before)  # input left unchanged
 
 
 def test_seeded_init():
@@ -73,9 +68,9 @@ def test_taps_equal_torchvision(stream, rgb, flow):
         want_conv = nn.Sequential(*list(net.children())[:-2])(x)  # up to layer4
         want_logits = net(x)
     assert conv.shape == (2, 512, 3, 4)  # (B, 512, H / 32, W / 32)
-    _close(conv, want_conv)
-    _close(logits, want_logits)
-    _close(backbone.logits_from_conv(conv), logits)
+    assert_close(conv, want_conv)
+    assert_close(logits, want_logits)
+    assert_close(backbone.logits_from_conv(conv), logits)
 
 
 def test_attributes(rgb, flow):
@@ -104,9 +99,9 @@ def test_torchvision_state_dict_round_trip(tmp_path, rgb):
     flow = build_backbone("resnet18", stream="flow", num_classes=5, new_length=3)
     fc_before = flow.fc.weight.detach().clone()
     info = load_weights(flow, path)
-    _close(flow.conv1.weight.detach(), source.conv1.weight.mean(1, keepdim=True).expand(-1, 6, -1, -1).detach())
-    _close(flow.layer3[0].conv2.weight.detach(), source.layer3[0].conv2.weight.detach())
-    _close(flow.fc.weight.detach(), fc_before)
+    assert_close(flow.conv1.weight.detach(), source.conv1.weight.mean(1, keepdim=True).expand(-1, 6, -1, -1).detach())
+    assert_close(flow.layer3[0].conv2.weight.detach(), source.layer3[0].conv2.weight.detach())
+    assert_close(flow.fc.weight.detach(), fc_before)
     assert info["fc"] == "initial"
 
     info = load_weights(rgb, "random")
@@ -147,7 +142,7 @@ def test_datp_checkpoint_round_trip(tmp_path):
     _same_state(backbone.state_dict(), trained.state_dict())
     assert not backbone.training
     assert (info["format"], info["class_names"], info["config"]) == ("datp", ["a", "b", "c"], {"lr": 0.001, "epochs": 2})
-    _close(info["head"]["mu"], head["mu"])
+    assert_close(info["head"]["mu"], head["mu"])
     with pytest.raises(ValueError, match="not stream 'rgb'"):
         load_backbone("resnet18", stream="rgb", weights=path)
     with pytest.raises(ValueError, match="has 3 classes but the backbone has 4"):

@@ -18,32 +18,15 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms.v2 as T
-from click.testing import CliRunner
 from torch import nn
 
-from datp_testing import moving_texture, shared_data, write_video
-from datp.cli import main
+from datp_testing import moving_texture, one_thread, run_cli, shared_data, write_video  # noqa: F401 (one_thread: an autouse fixture)
 from datp.extract.backbones import build_backbone
 from datp.extract.store import FeatureStore
 from datp.io.decode import read_video
 
 SMALL = ["--backbone", "resnet18", "--device", "cpu", "--quiet"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a small shared machine, two spinning OpenMP threads per forward
-    make these tiny forwards several times slower (results do not depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def tsn_test_starts(T_: int, N: int, L: int = 1) -> list[int]:

@@ -249,3 +249,25 @@ def test_merge_with_a_shard_whose_videos_all_failed(tmp_path):
                 batch = store.load([ids.index("c/v2"), ids.index("c/v0")], streams=["rgb", "flow"])
                 _check_video(batch, 0, feats["c/v2"])
                 _check_video(batch, 1, feats["c/v0"])
+
+
+def test_merge_stores_dispatches_by_the_kind_of_the_first_input(tmp_path):
+    from datp.extract.merge import merge_stores
+    from datp.io.h5header import store_kind
+
+    feats = {"c/v0": _features(4, 0), "c/v1": _features(4, 1)}
+    shards = []
+    for i, row in enumerate(VIDEOS[:2]):
+        shards.append(tmp_path / f"f.shard{i}of2.h5")
+        fstore.write_features(shards[-1], [row], {row.id: feats[row.id]}, _attrs())
+    assert store_kind(shards[0]) == "features"
+    assert merge_stores(shards, tmp_path / "merged.h5") == 2
+    with FeatureStore(tmp_path / "merged.h5") as store:
+        assert store.ids == ["c/v0", "c/v1"]
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = 1
+    assert store_kind(plain) is None
+    with pytest.raises(ValueError, match="neither a flow nor a feature store"):
+        merge_stores([plain], tmp_path / "never.h5")
+    assert not (tmp_path / "never.h5").exists()

@@ -18,16 +18,11 @@ from datp.extract.transforms import (
     rgb_train,
     crop_views,
 )
+from datp_testing import assert_close
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def _close(got, want, atol=0.0):
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 def _frames(N=2, H=30, W=40):
@@ -43,7 +38,7 @@ def test_rgb_equals_torchvision_preset():
     got = rgb_to_tensor(frames, resize=32, crop=28)  # (N, 1, 3, 28, 28)
     preset = ImageClassification(crop_size=28, resize_size=32)  # bilinear, antialias, ImageNet mean/std
     want = preset(frames.permute(0, 3, 1, 2).float() / 255)
-    _close(got[:, 0], want)
+    assert_close(got[:, 0], want)
 
 
 def test_normalisation_by_hand():
@@ -51,12 +46,12 @@ def test_normalisation_by_hand():
     frames = q.view(3, 1, 1, 1).expand(3, 4, 4, 3).contiguous()
     got = rgb_to_tensor(frames, resize=None, crop=4)[:, 0, :, 0, 0]  # (3 values, 3 channels)
     want = torch.tensor([[(v / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)] for v in (0, 128, 255)])
-    _close(got, want, atol=1e-6)
+    assert_close(got, want, atol=1e-6)
     stacks = q.view(3, 1, 1, 1, 1).expand(3, 1, 4, 4, 2).contiguous()
     got = flow_to_tensor(stacks, resize=None, crop=4)[:, 0, :, 0, 0]
-    _close(got, torch.tensor([[-1.0, -1.0], [0.0, 0.0], [127 / 128, 127 / 128]]))
+    assert_close(got, torch.tensor([[-1.0, -1.0], [0.0, 0.0], [127 / 128, 127 / 128]]))
     # the [0, 1]-scale mean/std recorded for flow give the same values
-    _close((q.float() / 255 - FLOW_MEAN) / FLOW_STD, (q.float() - 128) / 128, atol=1e-6)
+    assert_close((q.float() / 255 - FLOW_MEAN) / FLOW_STD, (q.float() - 128) / 128, atol=1e-6)
 
 
 def test_flow_interleaving():
@@ -65,7 +60,7 @@ def test_flow_interleaving():
         stacks[0, i, ..., 0] = 10 * i  # x of pair i
         stacks[0, i, ..., 1] = 10 * i + 5  # y of pair i
     got = flow_to_float(stacks)[0, :, 0, 0] * 128 + 128
-    _close(got, torch.tensor([0.0, 5, 10, 15, 20, 25]))
+    assert_close(got, torch.tensor([0.0, 5, 10, 15, 20, 25]))
 
 
 def test_flow_flip_negates_x_exactly():
@@ -73,14 +68,14 @@ def test_flow_flip_negates_x_exactly():
     x = flow_to_float(stacks)
     before = x.clone()
     flipped = hflip(x, flow=True)
-    _close(x, before)  # input unchanged
+    assert_close(x, before)  # input unchanged
     # by hand: mirror columns, x channels q -> 256 - q (in float, as 256 - 0 does not fit uint8)
     q = stacks.permute(0, 1, 4, 2, 3).reshape(x.shape).float().flip(-1)
     q[:, 0::2] = 256 - q[:, 0::2]
-    _close(flipped, (q - 128) / 128)
-    _close(hflip(flipped, flow=True), x)  # an involution
+    assert_close(flipped, (q - 128) / 128)
+    assert_close(hflip(flipped, flow=True), x)  # an involution
     rgb = torch.rand(2, 3, 4, 5, generator=_gen())
-    _close(hflip(rgb, flow=False), rgb.flip(-1))
+    assert_close(hflip(rgb, flow=False), rgb.flip(-1))
     with pytest.raises(ValueError, match="flow_to_float"):
         hflip(stacks[:, 0, ..., 0], flow=True)
 
@@ -96,12 +91,12 @@ def test_ten_crop_views():
     views = flow_to_tensor(stacks, resize=None, crop=28, num_crops=10)  # (N, 10, 2L, 28, 28)
     x = flow_to_float(stacks)
     assert views.shape == (2, 10, 6, 28, 28)
-    _close(views[:, 0], x[..., :28, :28])  # top-left
-    _close(views[:, 4], x[..., 2:30, 8:36])  # centre
-    _close(views[:, 5], hflip(x[..., :28, 16:], flow=True))  # mirrored image's top-left
-    _close(views[:, 9], hflip(x[..., 2:30, 8:36], flow=True))  # mirrored centre
+    assert_close(views[:, 0], x[..., :28, :28])  # top-left
+    assert_close(views[:, 4], x[..., 2:30, 8:36])  # centre
+    assert_close(views[:, 5], hflip(x[..., :28, 16:], flow=True))  # mirrored image's top-left
+    assert_close(views[:, 9], hflip(x[..., 2:30, 8:36], flow=True))  # mirrored centre
     rgb = rgb_to_tensor(_frames(H=32, W=44), resize=None, crop=28, num_crops=10)
-    _close(rgb[:, 9], rgb[:, 4].flip(-1))  # RGB is only mirrored
+    assert_close(rgb[:, 9], rgb[:, 4].flip(-1))  # RGB is only mirrored
 
 
 def test_bad_inputs():
@@ -125,7 +120,7 @@ def test_multi_scale_crop_positions():
         seen.add(matches[0])
     assert len(seen) > 1, "12 seeds gave the same crop"
     a = multi_scale_crop(x, size=28, generator=_gen(5))
-    _close(a, multi_scale_crop(x, size=28, generator=_gen(5)))
+    assert_close(a, multi_scale_crop(x, size=28, generator=_gen(5)))
 
 
 def test_train_transforms_seeded_and_shared_across_segments():
@@ -134,11 +129,11 @@ def test_train_transforms_seeded_and_shared_across_segments():
         for multi_scale in (True, False):
             a = rgb_train(frames, resize=32, size=28, multi_scale=multi_scale, generator=_gen(seed))
             b = rgb_train(frames, resize=32, size=28, multi_scale=multi_scale, generator=_gen(seed))
-            _close(a, b)
-            _close(a[1:], a[:1].expand(2, -1, -1, -1))  # one draw for all segments
+            assert_close(a, b)
+            assert_close(a[1:], a[:1].expand(2, -1, -1, -1))  # one draw for all segments
     stacks = _stacks(N=2)
     a = flow_train(stacks, resize=32, size=28, generator=_gen(3))
     assert a.shape == (2, 6, 28, 28)
-    _close(a, flow_train(stacks, resize=32, size=28, generator=_gen(3)))
+    assert_close(a, flow_train(stacks, resize=32, size=28, generator=_gen(3)))
     crop = random_crop(torch.arange(30 * 40.0).view(1, 1, 30, 40), size=28, generator=_gen())
     assert torch.all(crop.diff(dim=-1) == 1) and torch.all(crop.diff(dim=-2) == 40), "not a contiguous crop"

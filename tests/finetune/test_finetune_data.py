@@ -15,46 +15,48 @@ from datp.extract.transforms import flow_to_tensor, rgb_to_tensor
 from datp.finetune.data import (
     ClipDataset,
     EpochSampler,
-    carve_validation,
     epoch_order,
     flow_counts,
+    hold_out,
     split_dataset,
 )
+from datp.finetune.config import FinetuneConfig
 from datp.flows.store import FlowStore
 from datp.io.datasets import Dataset, Record, load_dataset
 from datp.io.decode import read_video
+from datp.io.splits import carve_validation
 from ft_fixtures import flows, manifest
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads than free cores only adds waiting
-    yield
-    torch.set_num_threads(threads)
+from datp_testing import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 
 def _records(labels, split="train"):
     return [Record(f"v{i}", Path(f"v{i}.mp4"), label, split) for i, label in enumerate(labels)]
 
 
-def _close(got, want, atol=0.0):
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
-
-
-def test_carve_validation_is_stratified_seeded_and_keeps_a_training_video_per_class():
-    records = _records([0] * 5 + [1] * 3 + [2])
-    train, val = carve_validation(records, 0.4, seed=0)
-    # class 0: floor(0.4 * 5 + 0.5) = 2; class 1: floor(1.2 + 0.5) = 1; class 2 (one video): 0
-    assert Counter(r.label for r in val) == {0: 2, 1: 1}
+def test_hold_out_is_train_heads_stratified_seeded_split():
+    records = _records([0] * 5 + [1] * 5 + [2] * 5)
+    train, val = hold_out(records, 0.4, seed=0)
+    # ceil(0.4 * 15) = 6 held out, stratified: 2 of each class
+    assert Counter(r.label for r in val) == {0: 2, 1: 2, 2: 2}
     assert sorted(r.id for r in train + val) == sorted(r.id for r in records)
-    assert carve_validation(records, 0.4, seed=0) == (train, val)
-    picks = {tuple(r.id for r in carve_validation(records, 0.4, seed=s)[1]) for s in range(6)}
+    assert [r.id for r in train] == [r.id for r in records if r in train]  # input order
+    assert [r.id for r in val] == [r.id for r in records if r in val]
+    rows = carve_validation([r.label for r in records], 0.4, seed=0)  # the shared rule itself
+    assert ([records[i] for i in rows[0]], [records[i] for i in rows[1]]) == (train, val)
+    assert hold_out(records, 0.4, seed=0) == (train, val)
+    picks = {tuple(r.id for r in hold_out(records, 0.4, seed=s)[1]) for s in range(6)}
     assert len(picks) > 1, "the seed does not change the held-out videos"
-    train, val = carve_validation(_records([0, 0]), 0.9, seed=0)  # floor(1.8 + 0.5) = 2, capped at 2 - 1
-    assert len(train) == 1 and len(val) == 1
+    # a class with a single video cannot be stratified: the plain seeded split, same count
+    train, val = hold_out(_records([0] * 5 + [1] * 3 + [2]), 0.4, seed=0)
+    assert len(val) == 4 and len(train) == 5
+    train, val = hold_out(_records([0, 0, 1]), 0.0, seed=0)
+    assert len(train) == 3 and val == []
+
+
+def test_split_dataset_holds_out_a_fifth_by_default():
+    splits = split_dataset(Dataset(_records([0] * 5 + [1] * 5)), seed=0)
+    assert len(splits.val) == 2 and Counter(r.label for r in splits.val) == {0: 1, 1: 1}
+    assert FinetuneConfig(sources=("a",), out="b").val_fraction == 0.2
 
 
 def test_split_uses_val_records_when_present_and_never_test():
@@ -95,7 +97,7 @@ def test_train_clips_depend_only_on_seed_epoch_and_index():
     records = load_dataset(manifest()).records[:3]
     clips = _rgb(records, True)
     a, b = clips[(0, 1)], _rgb(records, True)[(0, 1)]
-    _close(a["x"], b["x"])
+    assert_close(a["x"], b["x"])
     assert torch.equal(a["t"], b["t"]) and a["label"] == records[1].label
     later = clips[(1, 1)]
     assert not torch.equal(a["x"], later["x"]), "another epoch must draw other offsets / crops"
@@ -106,8 +108,8 @@ def test_eval_clips_are_tsn_test_sampling_and_centre_crop():
     item = _rgb([record], False)[(7, 0)]  # the epoch is ignored in eval mode
     frames, _ = read_video(record.path, short_side=64)
     starts = segment_indices(len(frames), 3, 1, "test")
-    _close(item["x"], rgb_to_tensor(frames[starts], resize=64, crop=56)[:, 0])
-    _close(item["t"], torch.from_numpy(segment_times(starts, 1, len(frames))))
+    assert_close(item["x"], rgb_to_tensor(frames[starts], resize=64, crop=56)[:, 0])
+    assert_close(item["t"], torch.from_numpy(segment_times(starts, 1, len(frames))))
 
 
 def test_rgb_decoding_with_a_known_frame_count_stops_early_and_reads_the_same_frames():
@@ -116,7 +118,7 @@ def test_rgb_decoding_with_a_known_frame_count_stops_early_and_reads_the_same_fr
     for train in (True, False):
         full, early = _rgb(records, train), _rgb(records, train, flow_pairs=counts)
         for key in ((0, 0), (3, 1)):
-            _close(early[key]["x"], full[key]["x"])
+            assert_close(early[key]["x"], full[key]["x"])
 
 
 def test_flow_clips_read_the_sampled_pairs_from_a_store_and_from_jpg_folders():
@@ -136,7 +138,7 @@ def test_flow_clips_read_the_sampled_pairs_from_a_store_and_from_jpg_folders():
                 folder = source / record.id
                 stacks = np.stack([[np.stack([cv2.imread(str(folder / f"flow_{a}_{j + 1:05d}.jpg"), 0)
                                               for a in "xy"], -1) for j in row] for row in pairs])
-            _close(clips[(0, i)]["x"], flow_to_tensor(stacks, resize=48, crop=40)[:, 0])
+            assert_close(clips[(0, i)]["x"], flow_to_tensor(stacks, resize=48, crop=40)[:, 0])
 
 
 def test_flow_counts_names_a_video_without_flow():

@@ -13,23 +13,10 @@ from datp.finetune.config import FinetuneConfig, lr_factor, parse_ints
 from datp.finetune.model import build_model, param_groups
 from datp.pool.heads import HEADS
 from ft_fixtures import tiny
+from datp_testing import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 SMALL_OPTIONS = {"datp": ("input=softmax",), "lstm-attn": ("hidden=16",), "self-attn": ("attn_hidden=8",),
                  "joint-attn": ("attn_hidden=8",)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads than free cores only adds waiting
-    yield
-    torch.set_num_threads(threads)
-
-
-def _close(got, want, atol=0.0):
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 def _cfg(tmp_path, **changes):
@@ -44,8 +31,8 @@ def test_avg_head_is_the_tsn_consensus_of_the_backbone_logits(tmp_path):
     with torch.no_grad():
         _, per_image = model.backbone(x.flatten(0, 1))  # (8, 3)
         out = model(x)
-    _close(out.logits, per_image.view(2, 4, 3).mean(1), atol=1e-6)
-    _close(out.weights, torch.full((2, 4), 0.25))
+    assert_close(out.logits, per_image.view(2, 4, 3).mean(1), atol=1e-6)
+    assert_close(out.weights, torch.full((2, 4), 0.25))
 
 
 def test_datp_gradient_reaches_the_backbone_through_logits_and_through_the_weight_generator(tmp_path):
@@ -182,4 +169,4 @@ def test_bf16_autocast_and_channels_last_run_every_head_close_to_fp32(tmp_path, 
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x, t).logits.float()
-    _close(low, fp32, atol=0.1 * fp32.abs().max().item())  # bf16: 8 mantissa bits, 20 layers
+    assert_close(low, fp32, atol=0.1 * fp32.abs().max().item())  # bf16: 8 mantissa bits, 20 layers

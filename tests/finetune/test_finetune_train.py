@@ -23,22 +23,9 @@ from datp.finetune.train import train_step
 from datp.io.datasets import load_dataset
 from datp.pool.heads import SegmentBatch
 from ft_fixtures import CLASSES, flows, manifest, tiny
+from datp_testing import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 CPU = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads than free cores only adds waiting
-    yield
-    torch.set_num_threads(threads)
-
-
-def _close(got, want, atol=0.0):
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 def _load(path):
@@ -147,10 +134,10 @@ def test_checkpoint_loads_in_extract_features_with_the_same_logits_and_its_head_
         items = torch.utils.data.default_collate([clips[(0, i)] for i in range(len(dataset.records))])
         assert np.array_equal(store.ids, [r.id for r in dataset.records])
         _, logits = model.backbone(items["x"].flatten(0, 1))  # (V*N, C)
-        _close(batch.logits["rgb"], logits.view(len(dataset.records), cfg.num_segments, -1), atol=1e-5)
-        _close(batch.t, items["t"])
+        assert_close(batch.logits["rgb"], logits.view(len(dataset.records), cfg.num_segments, -1), atol=1e-5)
+        assert_close(batch.t, items["t"])
         stage_two = head(SegmentBatch(conv=batch.conv["rgb"], logits=batch.logits["rgb"], t=batch.t))
-        _close(stage_two.logits, model(items["x"], items["t"]).logits, atol=1e-5)
+        assert_close(stage_two.logits, model(items["x"], items["t"]).logits, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -5,25 +5,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from datp_testing import moving_texture, shared_data, write_video
-from datp.cli import main
+from datp_testing import moving_texture, run_cli, shared_data, write_video
 from datp.flows.store import FlowStore
 
 
 def flow_cli(*args):
     return run_cli("extract-flow", *args)
-
-
-def run_cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def store_content(path):

@@ -1,0 +1,243 @@
+"""Writing a feature store: per-video part files, and assembling the store from them.
+
+See `datp.extract.store` for the layout and the crash-safety rules.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from datp.extract.store.schema import (
+    BASE_NAME,
+    STREAMS,
+    StoreError,
+    VideoFeatures,
+    VideoRow,
+    is_final,
+    write_videos,
+)
+from datp.io.atomic import atomic_path, finished_parts, parts_dir
+from datp.io.datasets import safe_name
+
+
+def write_part(out: Path, video_id: str, features: VideoFeatures) -> Path:
+    """Write one video's features to its part file, atomically (whole or absent)."""
+    folder = parts_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{safe_name(video_id)}.h5"
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["id"] = video_id
+        f.attrs["num_frames"] = int(features.num_frames)
+        f.attrs["fps"] = float(features.fps)
+        f["t"] = np.asarray(features.t, np.float32)
+        f["frame"] = np.asarray(features.frame, np.int64)
+        for stream, (conv, logits) in features.streams.items():
+            f.create_dataset(f"{stream}/conv", data=np.asarray(conv, np.float16))
+            f.create_dataset(f"{stream}/logits", data=np.asarray(logits, np.float32))
+    return path
+
+
+def done_ids(out: Path) -> set[str]:
+    """Videos already finished for the store `out`: its parts, or done rows of a final store."""
+    out = Path(out)
+    ids = set()
+    for path in finished_parts(parts_dir(out)).values():
+        with h5py.File(path, "r") as f:
+            ids.add(str(f.attrs["id"]))
+    for path in (parts_dir(out) / BASE_NAME, out):
+        ids.update(_old_rows(path))
+    return ids
+
+
+def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Sequence[str], *,
+                final: bool, features: dict[str, VideoFeatures] | None = None) -> int:
+    """Assemble the store `out` from part files (and/or in-memory `features`), atomically.
+
+    Args:
+        out: the store file.
+        videos: every video of the run, in store order (rows of unfinished ones stay not done).
+        attrs: file attributes (`base_attrs`).
+        streams: the streams the store holds.
+        final: copy everything into one self-contained file and delete the parts; otherwise
+            write virtual datasets over the parts (cheap; used during a run and after a kill).
+        features: in-memory features by id (one-shot writes, e.g. tests and `datp synth`).
+
+    Returns:
+        The number of done videos.
+    """
+    out = Path(out)
+    features = dict(features or {})
+    base = parts_dir(out) / BASE_NAME
+    if not final and not base.exists() and out.is_file() and is_final(out):
+        # A rerun over a finished store: the index about to replace it links into it instead.
+        base.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, base)
+    parts = finished_parts(parts_dir(out))
+    old_rows = _old_rows(base if base.is_file() else out)
+    # per video: ("mem", VideoFeatures) | ("part", path) | ("old", _OldRow) | (None, None)
+    sources: list[tuple[str, object]] = []
+    for row in videos:
+        name = safe_name(row.id)
+        if row.id in features:
+            sources.append(("mem", features[row.id]))
+        elif name in parts:
+            sources.append(("part", parts[name]))
+        elif row.id in old_rows:
+            sources.append(("old", old_rows[row.id]))
+        else:
+            sources.append((None, None))
+    lengths = np.array([_length(kind, src) for kind, src in sources], np.int64)
+    videos = [_with_counts(row, kind, src) for row, (kind, src) in zip(videos, sources)]
+    ragged = attrs["layout"] == "ragged"
+    if not ragged:
+        n = int(attrs["num_segments"])
+        bad = [(row.id, int(m)) for row, m in zip(videos, lengths) if m not in (0, n)]
+        if bad:
+            raise StoreError(f"video {bad[0][0]!r} has {bad[0][1]} segments; the store has {n}")
+    shapes = _shapes(sources, streams)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        f.attrs["index_only"] = not final
+        write_videos(f, videos)
+        f["done"] = lengths > 0
+        if ragged:
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            f["segments/offset"], f["segments/length"] = offsets, lengths
+            rows = [slice(o, o + m) for o, m in zip(offsets, lengths)]
+            total = (int(lengths.sum()),)
+        else:
+            rows = list(range(len(videos)))
+            total = (len(videos), int(attrs["num_segments"]))
+        fields = [("segments/t", "t", (), np.float32), ("segments/frame", "frame", (), np.int64)]
+        for stream in streams:
+            fields += [(f"{stream}/conv", f"{stream}/conv", shapes[stream][0], np.float16),
+                       (f"{stream}/logits", f"{stream}/logits", shapes[stream][1], np.float32)]
+        for dest, key, tail, dtype in fields:
+            shape = total + tuple(tail)
+            if final:
+                chunks = True  # h5py picks; conv: one video per chunk (a block of segments if ragged)
+                if key.endswith("conv"):
+                    chunks = ((max(1, min(int(lengths.max(initial=1)), 64)),) + tuple(tail)
+                              if ragged else (1,) + shape[1:])
+                ds = f.create_dataset(dest, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None,
+                                      compression="gzip" if key.endswith("conv") else None,
+                                      compression_opts=1 if key.endswith("conv") else None)
+                for (kind, src), row, m in zip(sources, rows, lengths):
+                    if m:
+                        ds[row] = _read(kind, src, key)
+            else:
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                for (kind, src), row, m in zip(sources, rows, lengths):
+                    if m and kind == "part":
+                        # HDF5 reads '%' in source names as a printf field: escape it.
+                        source = str(Path(src).resolve()).replace("%", "%%")
+                        layout[row] = h5py.VirtualSource(source, key,
+                                                         shape=(int(m),) + tuple(tail))
+                    elif m and kind == "old":
+                        source = str(Path(src.path).resolve()).replace("%", "%%")
+                        whole = h5py.VirtualSource(source, dest, shape=src.shapes[dest])
+                        layout[row] = whole[src.rows]
+                    elif m:
+                        raise StoreError("in-memory features need final=True")
+                f.create_virtual_dataset(dest, layout, fillvalue=0)
+    if final:
+        shutil.rmtree(parts_dir(out), ignore_errors=True)
+    return int((lengths > 0).sum())
+
+
+def _with_counts(row: VideoRow, kind, src) -> VideoRow:
+    """The row with num_frames / fps from its features when they carry them."""
+    if kind is None:
+        return row
+    if kind in ("mem", "old"):
+        n, fps = src.num_frames, src.fps
+    else:
+        with h5py.File(src, "r") as f:
+            n, fps = int(f.attrs.get("num_frames", 0)), float(f.attrs.get("fps", 0.0))
+    if not n:
+        return row
+    return VideoRow(row.id, row.label, row.split, n, fps)
+
+
+def _length(kind, src) -> int:
+    if kind is None:
+        return 0
+    if kind == "mem":
+        return len(src.t)
+    if kind == "old":
+        return src.length
+    with h5py.File(src, "r") as f:
+        return int(f["t"].shape[0])
+
+
+def _read(kind, src, key: str) -> np.ndarray:
+    if kind == "mem":
+        if key in ("t", "frame"):
+            return getattr(src, key)
+        stream, field = key.split("/")
+        return src.streams[stream][0 if field == "conv" else 1]
+    if kind == "old":
+        with h5py.File(src.path, "r") as f:
+            return f[f"segments/{key}" if key in ("t", "frame") else key][src.rows]
+    with h5py.File(src, "r") as f:
+        return f[key][:]
+
+
+def _shapes(sources, streams) -> dict[str, tuple[tuple, tuple]]:
+    """Per-segment shapes (conv (Cf, h, w), logits (C,)) of each stream, from any done video."""
+    shapes = {}
+    for stream in streams:
+        for kind, src in sources:
+            if kind is not None and _length(kind, src):
+                shapes[stream] = (_read(kind, src, f"{stream}/conv").shape[1:],
+                                  _read(kind, src, f"{stream}/logits").shape[1:])
+                break
+        else:
+            shapes[stream] = ((0, 0, 0), (0,))
+    return shapes
+
+
+@dataclass(frozen=True)
+class _OldRow:
+    """A done row of a finished store (`path`): its rows selector and dataset shapes."""
+
+    path: Path
+    rows: int | slice
+    length: int
+    num_frames: int
+    fps: float
+    shapes: dict
+
+
+def _old_rows(path: Path) -> dict[str, _OldRow]:
+    """Done rows of a finished store (kept when a rerun adds or retries videos), by id."""
+    path = Path(path)
+    if not path.is_file() or not is_final(path):
+        return {}
+    with h5py.File(path, "r") as f:
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["videos/id"][:]]
+        done, frames, fps = f["done"][:], f["videos/num_frames"][:], f["videos/fps"][:]
+        shapes = {k: f[k].shape for k in ("segments/t", "segments/frame")}
+        shapes.update({f"{s}/{k}": f[f"{s}/{k}"].shape for s in STREAMS if s in f
+                       for k in ("conv", "logits")})
+        if f.attrs["layout"] == "ragged":
+            offset, length = f["segments/offset"][:], f["segments/length"][:]
+            rows = [slice(int(o), int(o + m)) for o, m in zip(offset, length)]
+        else:
+            rows, length = list(range(len(ids))), np.full(len(ids), int(f.attrs["num_segments"]))
+    return {ids[i]: _OldRow(path, rows[i], int(length[i]), int(frames[i]), float(fps[i]), shapes)
+            for i in np.flatnonzero(done)}
+
+
+def write_features(out: Path, videos: Sequence[VideoRow], features: dict[str, VideoFeatures],
+                   attrs: dict) -> None:
+    """Write a whole store at once from in-memory features (tests, synthetic stores)."""
+    streams = sorted({s for feats in features.values() for s in feats.streams})
+    build_store(out, videos, attrs, streams, final=True, features=features)

@@ -1,0 +1,181 @@
+"""Reading a feature store: `FeatureStore` and the padded `Batch` it serves (stage two's input).
+
+See `datp.extract.store` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from datp.extract.store.schema import KIND, SCHEMA, STREAMS, StoreError, plain_attrs
+from datp.io.h5header import check_header
+
+
+@dataclass
+class Batch:
+    """A padded batch of videos (stage two's input).
+
+    Attributes:
+        conv: {stream: (B, N, Cf, h, w) float32}.
+        logits: {stream: (B, N, C) float32}.
+        t: (B, N) segment centre times; frame: (B, N) first frame indices.
+        mask: (B, N) bool, True for real segments.
+        label: (B,) int64; index: (B,) rows in the store.
+    """
+
+    conv: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]
+    t: torch.Tensor
+    frame: torch.Tensor
+    mask: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+
+    def softmax(self, stream: str) -> torch.Tensor:
+        """(B, N, C) class probabilities derived from the stored logits."""
+        return self.logits[stream].softmax(-1)
+
+
+class FeatureStore:
+    """Read a feature store, checking its schema.
+
+    Example:
+        >>> store = FeatureStore("features.h5")
+        >>> batch = store.load(store.indices("train")[:8], streams=["rgb"])
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no such feature store; run datp extract-features first")
+        self._file = h5py.File(self.path, "r")
+        a = self._file.attrs
+        check_header(a, self.path, kind=KIND, schema=SCHEMA, noun="feature store",
+                     fix="re-extract or use a matching datp")
+        for key in ("videos/id", "videos/label", "videos/split", "done", "segments/t"):
+            if key not in self._file:
+                raise StoreError(f"{self.path} lacks {key!r}; the file is incomplete")
+        self.layout = str(a["layout"])
+        self.num_segments = int(a["num_segments"]) if self.layout == "fixed" else None
+        self.class_names = json.loads(a["class_names"])
+        self.attrs = plain_attrs(a)
+        self.streams = [s for s in STREAMS if f"{s}/conv" in self._file]
+        self.ids = [v.decode() if isinstance(v, bytes) else str(v) for v in self._file["videos/id"][:]]
+        self.labels = self._file["videos/label"][:]
+        self.splits = np.array([v.decode() if isinstance(v, bytes) else str(v)
+                                for v in self._file["videos/split"][:]])
+        self.num_frames = self._file["videos/num_frames"][:]
+        self.fps = self._file["videos/fps"][:]
+        self.done = self._file["done"][:]
+        if self.layout == "ragged":
+            self.offset = self._file["segments/offset"][:]
+            self.length = self._file["segments/length"][:]
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the stored logits (the backbone's classifier)."""
+        return int(self._file[f"{self.streams[0]}/logits"].shape[-1]) if self.streams else 0
+
+    def conv_shape(self, stream: str) -> tuple[int, ...]:
+        self.require(stream)
+        return tuple(self._file[f"{stream}/conv"].shape[-3:])
+
+    def require(self, stream: str, field: str = "conv") -> None:
+        """Raise a clear StoreError if `<stream>/<field>` is missing."""
+        if f"{stream}/{field}" not in self._file:
+            raise StoreError(f"{self.path.name} has no '{stream}/{field}'; run datp "
+                             f"extract-features --streams {stream} first (it has: "
+                             f"{', '.join(self.streams) or 'no streams'})")
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Rows that are done (and in `split`, when given)."""
+        keep = self.done.copy()
+        if split is not None:
+            keep &= self.splits == split
+        return np.flatnonzero(keep)
+
+    def lengths(self, indices: Iterable[int]) -> np.ndarray:
+        idx = np.asarray(list(indices), np.int64)
+        return self.length[idx] if self.layout == "ragged" else np.full(len(idx), self.num_segments)
+
+    def _rows(self, i: int):
+        if self.layout == "ragged":
+            return slice(int(self.offset[i]), int(self.offset[i] + self.length[i]))
+        return int(i)
+
+    def load(self, indices: Iterable[int], *, streams: Sequence[str] = ("rgb",),
+             conv: bool = True, pad_to: int | None = None) -> Batch:
+        """Load videos as a padded batch of float32 tensors.
+
+        Args:
+            indices: store rows (e.g. from `indices("train")`).
+            streams: streams to load; each must exist.
+            conv: load the conv maps too (the largest part); logits are always loaded.
+            pad_to: pad to this many segments (default: the longest video of the batch).
+        """
+        idx = np.asarray(list(indices), np.int64)
+        for stream in streams:
+            self.require(stream)
+        lengths = self.lengths(idx)
+        n = int(pad_to or (lengths.max(initial=0)))
+        B = len(idx)
+        mask = torch.zeros(B, n, dtype=torch.bool)
+        t = torch.zeros(B, n)
+        frame = torch.zeros(B, n, dtype=torch.int64)
+        convs, logits = {}, {}
+        for stream in streams:
+            cshape = self._file[f"{stream}/conv"].shape[-3:]
+            C = self._file[f"{stream}/logits"].shape[-1]
+            convs[stream] = torch.zeros((B, n) + tuple(cshape)) if conv else None
+            logits[stream] = torch.zeros(B, n, C)
+        if self.layout == "fixed" and B:
+            order = np.argsort(idx)  # h5py fancy indexing needs increasing indices
+            sorted_idx = idx[order]
+            inv = np.argsort(order)
+            t[:, :self.num_segments] = torch.from_numpy(self._file["segments/t"][sorted_idx][inv])
+            frame[:, :self.num_segments] = torch.from_numpy(
+                self._file["segments/frame"][sorted_idx][inv])
+            mask[:, :self.num_segments] = True
+            for stream in streams:
+                if conv:
+                    # one chunk (= one video) per read: h5py's fancy indexing over the first axis
+                    # is 6-8x slower than reading the rows one by one (bench/heads.py)
+                    dataset = self._file[f"{stream}/conv"]
+                    row = np.empty(dataset.shape[1:], dataset.dtype)
+                    for b, i in enumerate(idx):
+                        dataset.read_direct(row, np.s_[int(i)])
+                        convs[stream][b, :self.num_segments] = torch.from_numpy(row)
+                logits[stream][:, :self.num_segments] = torch.from_numpy(
+                    self._file[f"{stream}/logits"][sorted_idx][inv])
+        else:
+            for b, i in enumerate(idx):
+                rows, m = self._rows(i), int(lengths[b])
+                mask[b, :m] = True
+                t[b, :m] = torch.from_numpy(self._file["segments/t"][rows])
+                frame[b, :m] = torch.from_numpy(self._file["segments/frame"][rows])
+                for stream in streams:
+                    if conv:
+                        convs[stream][b, :m] = torch.from_numpy(
+                            self._file[f"{stream}/conv"][rows].astype(np.float32))
+                    logits[stream][b, :m] = torch.from_numpy(self._file[f"{stream}/logits"][rows])
+        return Batch(convs, logits, t, frame, mask, torch.from_numpy(self.labels[idx]),
+                     torch.from_numpy(idx))

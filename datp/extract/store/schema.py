@@ -1,0 +1,106 @@
+"""The feature store's schema: its constants, file attrs, per-video rows and the `videos/` columns.
+
+See `datp.extract.store` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from datp.io.h5header import StoreError, header
+
+SCHEMA = 1
+KIND = "features"
+BASE_NAME = "_store_base.hdf5"  # a finished store moved aside by a rerun (parts end in .h5)
+STREAMS = ("rgb", "flow")
+STR_DTYPE = h5py.string_dtype("utf-8")
+
+__all__ = ["BASE_NAME", "KIND", "SCHEMA", "STREAMS", "StoreError", "VideoFeatures", "VideoRow",
+           "base_attrs", "is_final", "plain_attrs", "stored_attrs", "write_videos"]
+
+
+@dataclass(frozen=True)
+class VideoRow:
+    """The per-video columns of `videos/`."""
+
+    id: str
+    label: int = -1
+    split: str = "all"
+    num_frames: int = 0
+    fps: float = 0.0
+
+
+@dataclass
+class VideoFeatures:
+    """One video's features, as a part file holds them.
+
+    Attributes:
+        t: (n,) float32 segment centre times in [0, 1].
+        frame: (n,) int64 first frame index of each segment.
+        streams: {stream: (conv (n, Cf, h, w), logits (n, C))}.
+        num_frames, fps: the decoded video's, when known (override the VideoRow's).
+    """
+
+    t: np.ndarray
+    frame: np.ndarray
+    streams: dict[str, tuple[np.ndarray, np.ndarray]]
+    num_frames: int = 0
+    fps: float = 0.0
+
+
+def base_attrs(*, layout: str, class_names: Sequence[str], new_length: dict, settings: dict,
+               num_segments: int | None = None, stride: int | None = None, **extra) -> dict:
+    """The file attributes of a store (see the module docstring); `extra` adds backbone etc."""
+    if layout not in ("fixed", "ragged"):
+        raise ValueError(f"layout {layout!r} must be fixed or ragged")
+    attrs = {**header(KIND, SCHEMA), "layout": layout,
+             "class_names": json.dumps(list(class_names)), "new_length": json.dumps(new_length),
+             "settings": json.dumps(settings, sort_keys=True, default=str)}
+    if layout == "fixed":
+        attrs["num_segments"] = int(num_segments)
+    else:
+        attrs["stride"] = int(stride)
+    for key, value in extra.items():
+        attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    return attrs
+
+
+def write_videos(f: h5py.File, rows: Sequence[VideoRow]) -> None:
+    """The `videos/` columns of a store."""
+    v = f.create_group("videos")
+    v["id"] = np.array([r.id for r in rows], dtype=object).astype(STR_DTYPE)
+    v["label"] = np.array([r.label for r in rows], np.int64)
+    v["split"] = np.array([r.split for r in rows], dtype=object).astype(STR_DTYPE)
+    v["num_frames"] = np.array([r.num_frames for r in rows], np.int64)
+    v["fps"] = np.array([r.fps for r in rows], np.float32)
+
+
+def is_final(path: Path) -> bool:
+    """True when `path` is a self-contained feature store (not an index over parts)."""
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("datp_kind") == KIND and not f.attrs.get("index_only", False)
+
+
+
+
+def plain_attrs(attrs) -> dict:
+    """An HDF5 attrs mapping as plain Python values (numpy scalars unwrapped)."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+
+
+def stored_attrs(path: Path) -> dict | None:
+    """The file attrs of the feature store at `path` (final or an index), or None when `path`
+    is not a file or not a feature store."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("datp_kind") != KIND:
+            return None
+        return plain_attrs(f.attrs)
