@@ -54,11 +54,20 @@ def moving_texture(num_frames: int, height: int = 48, width: int = 64, shift=(2,
     return np.stack(frames)
 
 
-def assert_close(got, want, atol=0.0):
-    """Two tensors have the same shape and differ by at most `atol` anywhere."""
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
+def assert_close(got, want, atol=0.0, what: str = ""):
+    """`got` and `want` (tensors, arrays, lists or numbers) have one shape and differ by at most `atol`
+    anywhere, compared in float64; the message names `what` and the largest difference."""
+    import numpy as np
+    import torch
+
+    def as_array(x):
+        return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+
+    got, want = as_array(got), as_array(want)
+    label = f"{what}: " if what else ""
+    assert got.shape == want.shape, f"{label}shape {got.shape} != {want.shape}"
+    diff = float(np.abs(got - want).max()) if got.size else 0.0
+    assert diff <= atol, f"{label}max |diff| {diff:.3g} > {atol}"
 
 
 def run_cli(*args):

@@ -35,6 +35,7 @@ from datp.finetune.distributed import (
     teardown,
 )
 from datp.finetune.model import VideoModel, build_model, param_groups
+from datp.io.splits import better_epoch
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
@@ -102,7 +103,9 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
         scheduler.step()
         history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train": train, "val": val,
                         "seconds": time.perf_counter() - started})
-        improved = _better(val, best)
+        old = best["val"]
+        improved = better_epoch(None if val is None else val["accuracy"], None if val is None else val["loss"],
+                                None if old is None else (old["accuracy"], old["loss"]))
         if improved:
             best = {"epoch": epoch + 1, "val": val}
         if ctx.is_main:
@@ -265,14 +268,6 @@ def _evaluate(model: VideoModel, loader, cfg: FinetuneConfig, ctx: Context) -> d
         totals += (F.cross_entropy(logits, y, reduction="sum").item(), int((logits.argmax(1) == y).sum()), len(y))
     loss, correct, videos = all_sum(totals.tolist(), ctx)
     return {"loss": loss / videos, "accuracy": correct / videos, "videos": int(videos)}
-
-
-def _better(val: dict | None, best: dict) -> bool:
-    """Higher validation accuracy, ties to the lower loss; without validation every epoch is."""
-    if val is None or best["val"] is None:
-        return True
-    old = best["val"]
-    return (val["accuracy"], -val["loss"]) > (old["accuracy"], -old["loss"])
 
 
 def _report(entry: dict, epochs: int) -> None:

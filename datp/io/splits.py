@@ -50,3 +50,17 @@ def carve_validation(labels, fraction: float, seed: int) -> tuple[np.ndarray, np
     """
     train, val, _ = split_validation(labels, fraction, seed)
     return train, val
+
+
+def better_epoch(accuracy: float | None, loss: float | None, best: tuple[float, float] | None) -> bool:
+    """The one rule that picks the epoch on validation (train-head and finetune): a higher validation
+    accuracy wins, an equal one goes to the lower validation loss; without validation (`accuracy`
+    None) or without a best yet, the newer epoch wins.
+
+    Args:
+        accuracy, loss: this epoch's validation top-1 and loss (None without validation).
+        best: (accuracy, loss) of the best epoch so far, or None.
+    """
+    if best is None or accuracy is None:
+        return True
+    return (accuracy, -loss) > (best[0], -best[1])

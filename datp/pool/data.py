@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from datp.extract.store import Batch, FeatureStore
+from datp.io.datasets import class_names_or_numbers
+from datp.io.splits import split_validation
 from datp.pool.heads import SegmentBatch
 
 LOAD_BLOCK = 64  # videos per read when filling RAM (bounds the float32 temporary of FeatureStore.load)
@@ -22,13 +24,11 @@ LOAD_BLOCK = 64  # videos per read when filling RAM (bounds the float32 temporar
 
 def dataset_classes(store: FeatureStore) -> list[str]:
     """The dataset's class names: the store's, else "0", "1", ... up to the largest label."""
-    if store.class_names:
-        return list(store.class_names)
-    known = store.labels[store.labels >= 0]
-    if not len(known):
+    names = class_names_or_numbers(store.class_names or [], store.labels)
+    if not names:
         raise ValueError(f"{store.path.name} has no class names and no labels; extract features of a "
                          "labelled dataset")
-    return [str(i) for i in range(int(known.max()) + 1)]
+    return names
 
 
 def store_summary(store: FeatureStore) -> dict:
@@ -50,9 +50,10 @@ def store_summary(store: FeatureStore) -> dict:
 def split_rows(store: FeatureStore, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Train, validation and test rows of the store (labelled, done videos), and a summary.
 
-    See the module docstring for how validation is chosen; test rows are only split "test".
+    Validation: the store's videos of split "val" when it has any, else `val_fraction` of the train
+    videos by the one rule of train-head and finetune, `datp.io.splits.split_validation` (stratified
+    by label when possible; `info["stratified"]` says whether it was). Test rows are split "test" only.
     """
-    from sklearn.model_selection import train_test_split
 
     labelled = store.labels >= 0
     train = np.array([i for i in store.indices("train") if labelled[i]], np.int64)
@@ -64,14 +65,8 @@ def split_rows(store: FeatureStore, val_fraction: float, seed: int) -> tuple[np.
     info = {"val_from": "store split 'val'", "stratified": None}
     if not len(val) and val_fraction > 0:
         info["val_from"] = f"{val_fraction:g} of split 'train'"
-        try:
-            train, val = train_test_split(train, test_size=val_fraction, random_state=seed,
-                                          stratify=store.labels[train])
-            info["stratified"] = True
-        except ValueError:  # a class with < 2 videos, or fewer validation videos than classes
-            train, val = train_test_split(train, test_size=val_fraction, random_state=seed)
-            info["stratified"] = False
-        train, val = np.sort(train), np.sort(val)
+        keep, held, info["stratified"] = split_validation(store.labels[train], val_fraction, seed)
+        train, val = np.sort(train[keep]), np.sort(train[held])
     elif not len(val):
         info["val_from"] = "none (val_fraction 0: the last epoch is kept)"
     info.update(train=len(train), val=len(val), test=len(test))

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import datp
 from datp.extract.store import FeatureStore
 from datp.io.device import resolve_device
+from datp.io.splits import better_epoch
 from datp.pool.config import HeadConfig, head_options, needs_conv
 from datp.pool.data import (
     SegmentData,
@@ -126,13 +127,6 @@ def _validate(head, data, rows, cfg, device) -> dict:
     logits, labels = torch.from_numpy(p["logits"]).double(), torch.from_numpy(p["labels"])
     return {"val_loss": F.cross_entropy(logits, labels).item(),
             "val_top1": (logits.argmax(1) == labels).double().mean().item()}
-
-
-def _better(val: dict, best: dict | None) -> bool:
-    """Higher val top-1 wins; equal top-1: lower val loss; no validation: the later epoch."""
-    if best is None or val["val_top1"] is None:
-        return True
-    return (val["val_top1"], -val["val_loss"]) > (best["val_top1"], -best["val_loss"])
 
 
 # ---------------------------------------------------------------- knowledge transfer
@@ -240,7 +234,7 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
                 timing["epochs"].append({"train_seconds": trained - started,
                                          "val_seconds": time.perf_counter() - trained,
                                          "videos_per_s": len(train_rows) / max(trained - started, 1e-9)})
-                if _better(val, best):
+                if better_epoch(val["val_top1"], val["val_loss"], None if best is None else (best["val_top1"], best["val_loss"])):
                     best = {"epoch": epoch + 1, **val}
                     best_state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
                 if val["val_top1"] is not None:

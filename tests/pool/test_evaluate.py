@@ -8,17 +8,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from datp_testing import assert_close
 from sklearn.metrics import balanced_accuracy_score
 
-from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
+from datp.extract.store import (
+    FeatureStore,
+    VideoFeatures,
+    VideoRow,
+    base_attrs,
+    write_features,
+)
 from datp.flows.store import StoreError
 from datp.pool import evaluate as evaluate_module
+from datp.pool.config import HeadConfig
 from datp.pool.evaluate import EvaluateConfig, evaluate, format_report
 from datp.pool.metrics import fuse_runs, metrics
+from datp.pool.predict import predict_run
 from datp.pool.runs import write_predictions
 from datp.pool.schemes import random_mixture
-from datp.pool.config import HeadConfig
-from datp.pool.predict import predict_run
 from datp.pool.train import train_head
 
 schemes_of = evaluate_module.testing_schemes  # imported under another name: pytest collects test*
@@ -28,11 +35,8 @@ pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 CLASSES = [f"c{i}" for i in range(5)]
 
 
-def close(actual, expected, what: str, atol: float = 1e-9):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected).max() if actual.size else 0.0
-    assert diff <= atol, f"{what}: largest difference {diff:.3g} > {atol}"
+def close(actual, expected, what: str = "", atol: float = 1e-9):
+    assert_close(actual, expected, atol, what)
 
 
 # ---------------------------------------------------------------- metrics

@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
+from datp_testing import assert_close
 from torch import nn
 
 from datp.pool.mmd import DEFAULT_SCALES, mmd2, transfer_loss
 
 
 def _close(actual, expected, tol=1e-12):
-    diff = (torch.as_tensor(actual, dtype=torch.float64) - torch.as_tensor(expected, dtype=torch.float64)).abs().max()
-    assert diff <= tol, f"largest difference {diff.item()}: got {actual}, expected {expected}"
+    assert_close(actual, expected, tol)
 
 
 def test_one_sample_each_by_hand():

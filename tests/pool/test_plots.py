@@ -8,8 +8,14 @@ import math
 import numpy as np
 import pytest
 
+from datp.pool.plots import (
+    accuracy_changes,
+    plot_accuracy_changes,
+    plot_segment_weights,
+    read_events,
+    segment_plot_data,
+)
 from datp.pool.runs import read_predictions, write_predictions
-from datp.pool.plots import accuracy_changes, plot_accuracy_changes, plot_segment_weights, read_events, segment_plot_data
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

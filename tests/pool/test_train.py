@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
+from datp.extract.store import (
+    FeatureStore,
+    VideoFeatures,
+    VideoRow,
+    base_attrs,
+    write_features,
+)
 from datp.flows.store import StoreError
-from datp.pool.heads import HEADS
 from datp.pool.config import HeadConfig
 from datp.pool.data import split_rows
+from datp.pool.heads import HEADS
 from datp.pool.predict import predict_run
 from datp.pool.runs import load_run
 from datp.pool.train import train_head

@@ -15,11 +15,16 @@ import torch
 from click.testing import CliRunner
 
 from datp.cli import main
-from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
-from datp.pool.heads import build_head
-from datp.pool.mmd import MAX_ROWS, mmd2, segment_rows, transfer_loss
-from datp.pool.heads import SegmentBatch
+from datp.extract.store import (
+    FeatureStore,
+    VideoFeatures,
+    VideoRow,
+    base_attrs,
+    write_features,
+)
 from datp.pool.config import HeadConfig
+from datp.pool.heads import SegmentBatch, build_head
+from datp.pool.mmd import MAX_ROWS, mmd2, segment_rows, transfer_loss
 from datp.pool.runs import load_run
 from datp.pool.train import train_head
 

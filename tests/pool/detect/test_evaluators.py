@@ -4,18 +4,33 @@ import json
 
 import numpy as np
 import pytest
+from datp_testing import assert_close
 from sklearn.metrics import average_precision_score
 
-from datp.pool.detect.evaluators import ANET_THRESHOLDS, THUMOS14_THRESHOLDS, evaluate_detection, format_result, interpolated_ap, temporal_iou
-from datp.pool.detect.formats import AmbiguousRegion, Detection, GroundTruth, GroundTruthSet, read_activitynet_ground_truth, read_activitynet_predictions, read_ground_truth, read_thumos14_ground_truth
+from datp.pool.detect.evaluators import (
+    ANET_THRESHOLDS,
+    THUMOS14_THRESHOLDS,
+    evaluate_detection,
+    format_result,
+    interpolated_ap,
+    temporal_iou,
+)
+from datp.pool.detect.formats import (
+    AmbiguousRegion,
+    Detection,
+    GroundTruth,
+    GroundTruthSet,
+    read_activitynet_ground_truth,
+    read_activitynet_predictions,
+    read_ground_truth,
+    read_thumos14_ground_truth,
+)
 
 EVALUATORS = ["anet", "thumos14"]
 
 
 def _close(actual, expected, tol=1e-12):
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    diff = np.abs(actual - expected).max()
-    assert diff <= tol, f"largest difference {diff}: got {actual}, expected {expected}"
+    assert_close(actual, expected, tol)
 
 
 def test_default_thresholds():

@@ -3,19 +3,30 @@
 import numpy as np
 import pytest
 import torch
+from datp_testing import assert_close
 
 from datp.pool.detect.evaluators import evaluate_detection
-from datp.pool.detect.formats import Detection, GroundTruth, read_activitynet_predictions
-from datp.pool.detect.formats import export_weights, read_weights, to_activitynet_json, write_activitynet_json
-from datp.pool.detect.localize import class_segment_scores, fuse_streams, localize_video, nms, segment_seconds
+from datp.pool.detect.formats import (
+    Detection,
+    GroundTruth,
+    export_weights,
+    read_activitynet_predictions,
+    read_weights,
+    to_activitynet_json,
+    write_activitynet_json,
+)
+from datp.pool.detect.localize import (
+    class_segment_scores,
+    fuse_streams,
+    localize_video,
+    nms,
+    segment_seconds,
+)
 from datp.pool.detect.plots import plot_weights_vs_ground_truth
 
 
 def _close(actual, expected, tol=1e-12):
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected).max() if actual.size else 0.0
-    assert diff <= tol, f"largest difference {diff}: got {actual}, expected {expected}"
+    assert_close(actual, expected, tol)
 
 
 def _bump(N=20, lo=8, hi=11, low=0.01, high=0.2):

@@ -20,17 +20,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from click.testing import CliRunner
 
 from datp.cli import main
-from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
+from datp.extract.store import (
+    FeatureStore,
+    VideoFeatures,
+    VideoRow,
+    base_attrs,
+    write_features,
+)
 from datp.io.datasets import safe_name
-from datp.pool.detect.pipeline import eval_detection, localize_arrays, localize_run, shown_frames
-from datp.pool.detect.evaluators import evaluate_detection
-from datp.pool.detect.formats import read_activitynet_ground_truth
-from datp.pool.detect.formats import read_weights
 from datp.pool.config import HeadConfig
+from datp.pool.detect.evaluators import evaluate_detection
+from datp.pool.detect.formats import read_activitynet_ground_truth, read_weights
+from datp.pool.detect.pipeline import (
+    eval_detection,
+    localize_arrays,
+    localize_run,
+    shown_frames,
+)
 from datp.pool.predict import predict_run
 from datp.pool.train import train_head
 from datp.synth import SynthConfig, generate

@@ -11,18 +11,22 @@ import json
 
 import numpy as np
 import pytest
-
 from click.testing import CliRunner
 
 from datp.cli import main
 from datp.extract.store import VideoFeatures, VideoRow, base_attrs, write_features
 from datp.io.datasets import safe_name
+from datp.pool.config import HeadConfig
+from datp.pool.detect.evaluators import evaluate_detection
+from datp.pool.detect.formats import (
+    GroundTruth,
+    GroundTruthSet,
+    read_activitynet_ground_truth,
+    read_activitynet_predictions,
+    read_weights,
+)
 from datp.pool.detect.pipeline import eval_detection, localize_arrays, localize_run
 from datp.pool.detect.plots import plot_videos
-from datp.pool.detect.evaluators import evaluate_detection
-from datp.pool.detect.formats import GroundTruth, GroundTruthSet, read_activitynet_ground_truth, read_activitynet_predictions
-from datp.pool.detect.formats import read_weights
-from datp.pool.config import HeadConfig
 from datp.pool.predict import predict_run
 from datp.pool.train import train_head
 from datp.synth import SynthConfig, generate

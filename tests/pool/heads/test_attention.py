@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from datp_testing import assert_close
 
-from datp.pool.heads.attention import JointAttnHead, LSTMAttnHead, SelfAttnHead, temporal_regularizer
 from datp.pool.heads import SegmentBatch
+from datp.pool.heads.attention import (
+    JointAttnHead,
+    LSTMAttnHead,
+    SelfAttnHead,
+    temporal_regularizer,
+)
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
@@ -15,12 +21,8 @@ B, N, C, CF = 2, 5, 3, 8
 MASK = torch.tensor([[True] * N, [True, True, True, False, False]])
 
 
-def close(actual, expected, what: str, atol: float = 1e-10):
-    actual = np.asarray(actual.detach() if isinstance(actual, torch.Tensor) else actual, dtype=np.float64)
-    expected = np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected).max()
-    assert diff <= atol, f"{what}: largest difference {diff:.3g} > {atol}"
+def close(actual, expected, what: str = "", atol: float = 1e-10):
+    assert_close(actual, expected, atol, what)
 
 
 def np_(p: torch.Tensor) -> np.ndarray:

@@ -7,22 +7,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from datp_testing import assert_close
 from torch.autograd.functional import jacobian
 
-from datp.pool.heads.datp import DATPHead, l2_pool, l2_pool_log, mog_log_weights, mog_weights
 from datp.pool.heads import SegmentBatch
+from datp.pool.heads.datp import (
+    DATPHead,
+    l2_pool,
+    l2_pool_log,
+    mog_log_weights,
+    mog_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 B, N, C, CF, K = 2, 5, 3, 8, 2
 
 
-def close(actual, expected, what: str, atol: float = 1e-10):
-    actual = np.asarray(actual.detach() if isinstance(actual, torch.Tensor) else actual, dtype=np.float64)
-    expected = np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected).max()
-    assert diff <= atol, f"{what}: largest difference {diff:.3g} > {atol}"
+def close(actual, expected, what: str = "", atol: float = 1e-10):
+    assert_close(actual, expected, atol, what)
 
 
 def datp(**options) -> DATPHead:

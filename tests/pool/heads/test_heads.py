@@ -6,21 +6,31 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from datp_testing import assert_close
 
-from datp.pool.heads import HEADS, AvgHead, MaxHead, SegmentBatch, build_head, default_score_source, param_groups
-from datp.pool.heads.base import SegmentScores, masked_softmax, resolve_mask, segment_times
+from datp.pool.heads import (
+    HEADS,
+    AvgHead,
+    MaxHead,
+    SegmentBatch,
+    build_head,
+    default_score_source,
+    param_groups,
+)
+from datp.pool.heads.base import (
+    SegmentScores,
+    masked_softmax,
+    resolve_mask,
+    segment_times,
+)
 
 pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 B, N, C, CF = 2, 5, 3, 8
 
 
-def close(actual, expected, what: str, atol: float = 1e-6):
-    actual = np.asarray(actual.detach() if isinstance(actual, torch.Tensor) else actual, dtype=np.float64)
-    expected = np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected).max() if actual.size else 0.0
-    assert diff <= atol, f"{what}: largest difference {diff:.3g} > {atol}"
+def close(actual, expected, what: str = "", atol: float = 1e-6):
+    assert_close(actual, expected, atol, what)
 
 
 # ---------------------------------------------------------------- base types and segment scores
