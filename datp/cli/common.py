@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,13 @@ SOURCE_HELP = ("SOURCE: a video, a folder tree root/<class>/<video>, a list file
 
 
 def user_errors(fn):
-    """Turn user errors into one clear line on stderr and exit code 2 (no traceback)."""
+    """Turn user errors into one clear line on stderr and exit code 2 (no traceback); Ctrl-C and
+    SIGTERM into one line and exit code 130.
+
+    User errors are the library's documented ones (ValueError and its subclasses DatasetError,
+    StoreError, DecodeError) and operating-system errors on a file (OSError, which h5py also raises
+    for files it cannot open: the line names the file). Anything else is a bug and keeps its traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,15 +32,30 @@ def user_errors(fn):
         from datp.io.datasets import DatasetError
         from datp.io.decode import DecodeError
 
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
-        except (ValueError, DatasetError, StoreError, DecodeError, FileNotFoundError,
-                KeyError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            click.echo(f"datp: error: {message}", err=True)
+        except (ValueError, DatasetError, StoreError, DecodeError) as err:
+            click.echo(f"datp: error: {err}", err=True)
             sys.exit(2)
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"datp: error: {where}{err.strerror or err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as err:
+            what = "terminated (SIGTERM)" if err.args == ("SIGTERM",) else "interrupted"
+            click.echo(f"datp: {what}; finished work is kept, an unfinished run folder is not left behind",
+                       err=True)
+            sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C: cleanups run, exit code 130."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def defaults(config_class) -> dict:

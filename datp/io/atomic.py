@@ -28,8 +28,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
-            _remove(path)
-        os.replace(tmp, path)
+            # A folder cannot be renamed over a non-empty one: move the old one aside first, so that
+            # a crash between the two renames leaves it whole (as `.<name>.old<pid>`), never lost.
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise

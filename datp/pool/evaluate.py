@@ -6,11 +6,13 @@ and `datp.pool.plots`; `format_report` prints the report in a few lines.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datp.pool.metrics import FUSE_ON, fuse_runs
-from datp.pool.runs import write_json
+from datp.pool.runs import run_folder, write_json
 from datp.pool.schemes import testing_schemes
 
 # ---------------------------------------------------------------- predictions.h5 / weights.csv
@@ -89,6 +91,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         {"config", "fusion" (`fuse_runs` without arrays), "schemes" (or None), "plots": [paths]};
         also written to OUT/evaluation.json when `out` is set.
     """
+    # The output folder is checked (and staged) before any work: see `datp.pool.runs.run_folder`.
+    staged = run_folder(cfg.out, kind="evaluate") if cfg.out else contextlib.nullcontext()
+    with staged as folder:
+        return _evaluate(cfg, folder)
+
+
+def _evaluate(cfg: EvaluateConfig, folder: Path | None) -> dict:
+    """`evaluate`'s work; PNGs and evaluation.json go into `folder` (the staged `cfg.out`), named as in `cfg.out`."""
     pairs = [(r, cfg.weights[i] if cfg.weights else None) for i, r in enumerate(cfg.runs)]
     fusion = fuse_runs(pairs, on=cfg.on)
     fusion = {k: v for k, v in fusion.items() if k not in ("scores", "ids", "labels")}
@@ -99,21 +109,20 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         schemes = testing_schemes(cfg.runs[0], avg_run=cfg.avg_run, features=cfg.features, seed=cfg.seed,
                                   device=cfg.device)
     plots = []
-    if cfg.out:
+    if folder is not None:
         from datp.pool import plots as plotting
 
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
         if cfg.plot_videos or cfg.videos:
             events = plotting.read_events(cfg.events) if cfg.events else None
             ids = list(cfg.videos) or None
-            plots += plotting.plot_segment_weights(cfg.runs[0], out, ids=ids, count=cfg.plot_videos or 4,
+            plots += plotting.plot_segment_weights(cfg.runs[0], folder, ids=ids, count=cfg.plot_videos or 4,
                                                    events=events)
         if cfg.compare:
-            plots.append(plotting.plot_accuracy_changes(cfg.compare, cfg.runs[0], out / "class_changes.png"))
-    report = {"config": asdict(cfg), "fusion": fusion, "schemes": schemes, "plots": [str(p) for p in plots]}
-    if cfg.out:
-        write_json(Path(cfg.out) / "evaluation.json", report)
+            plots.append(plotting.plot_accuracy_changes(cfg.compare, cfg.runs[0], folder / "class_changes.png"))
+    plots = [str(Path(cfg.out) / Path(p).name) for p in plots]  # where they are once the folder is in place
+    report = {"config": asdict(cfg), "fusion": fusion, "schemes": schemes, "plots": plots}
+    if folder is not None:
+        write_json(folder / "evaluation.json", report)
     return report
 
 

@@ -14,14 +14,22 @@ RUN_DIR, written by `datp train-head` (every file atomically):
   with transfer mmd (the mean unweighted transfer term), val_loss, val_top1), timing (seconds and
   videos/s per epoch, load time).
 - predictions.h5 and weights.csv (the test split; `write_predictions`).
-`datp evaluate --out DIR` writes DIR/evaluation.json (`write_json`).
+`datp evaluate --out DIR` writes DIR/evaluation.json and its PNGs.
+
+A run folder holds one run. `run_folder(out, kind=...)` writes a new run beside the old one and puts
+it in place whole when it is done (`datp.io.atomic.atomic_path`): nothing of an old run is left
+beside a new one, and an interrupted run leaves the old run whole. Each folder carries a marker
+`.datp-run` naming the command that wrote it; a folder holding anything else (files datp did not
+write, or another command's run) is refused before any work starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +44,48 @@ from datp.pool.heads import build_head
 from datp.pool.standardize import ChannelNorm
 
 CHECKPOINT_VERSION = 1
+RUN_MARKER = ".datp-run"  # the command that wrote the folder, one line
+
+
+def run_kind(folder: str | Path) -> str | None:
+    """The datp command that wrote `folder` ("train-head", "evaluate", ...), or None.
+
+    Folders written before the marker existed are recognised by their files (train-head:
+    config.json + checkpoint.pt; evaluate: evaluation.json).
+    """
+    folder = Path(folder)
+    marker = folder / RUN_MARKER
+    if marker.is_file():
+        return marker.read_text().strip() or None
+    if (folder / "config.json").is_file() and (folder / "checkpoint.pt").is_file():
+        return "train-head"
+    if (folder / "evaluation.json").is_file():
+        return "evaluate"
+    return None
+
+
+@contextlib.contextmanager
+def run_folder(out: str | Path, *, kind: str) -> Iterator[Path]:
+    """Yield a fresh folder for a `kind` run; when the block succeeds it replaces `out` whole.
+
+    Raises:
+        ValueError: `out` is a file, or a non-empty folder that is not a `kind` run folder (checked
+            before the block runs, so no work is lost to it).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the {kind} run")
+    if out.is_dir() and any(out.iterdir()):
+        found = run_kind(out)
+        if found != kind:
+            what = f"a datp {found} run" if found else "files datp did not write"
+            raise ValueError(f"--out {out} holds {what}; give another --out (datp {kind} replaces only a "
+                             f"folder of an earlier {kind} run)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / RUN_MARKER).write_text(kind + "\n")
+        yield tmp
 
 
 def rebuild_head(name: str, options: dict) -> nn.Module:

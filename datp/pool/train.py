@@ -70,6 +70,7 @@ from datp.pool.predict import predict
 from datp.pool.runs import (
     plain,
     rebuild_head,
+    run_folder,
     write_checkpoint,
     write_json,
     write_predictions,
@@ -136,15 +137,29 @@ def _validate(head, data, rows, cfg, device) -> dict:
 
 
 def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
-    """Train, select on validation, test, and write RUN_DIR (see the module docstring).
+    """Train, select on validation, test, and write RUN_DIR (`cfg.out`; `datp.pool.runs` has the format).
+
+    The run is written into a fresh folder that replaces `cfg.out` whole at the end
+    (`datp.pool.runs.run_folder`): an interrupted run leaves an earlier run there untouched.
 
     Returns:
         metrics.json's content plus "out" (the run folder).
 
     Raises:
         StoreError: the store is missing or lacks a stream the head needs.
-        ValueError: settings that do not fit the store (e.g. cached scores over other classes).
+        ValueError: settings that do not fit the store (e.g. cached scores over other classes), or an
+            `out` that holds something other than a train-head run.
     """
+    with run_folder(cfg.out, kind="train-head") as folder:
+        result = _train(cfg, folder, progress=progress)
+    if progress:
+        top1 = "no test split" if result["top1"] is None else f"test top-1 {result['top1']:.4f}"
+        print(f"train-head {cfg.head} ({cfg.stream}): best epoch {result['best_epoch']}, {top1}; wrote {cfg.out}")
+    return {**result, "out": str(cfg.out)}
+
+
+def _train(cfg: HeadConfig, out: Path, *, progress: bool) -> dict:
+    """`train_head`'s work, writing the run's files into the folder `out`; returns metrics.json's content."""
     from tqdm import tqdm
 
     device = resolve_device(cfg.device)
@@ -203,8 +218,6 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
                   "transfer": transfer_info, "versions": {"datp": datp.__version__, "torch": str(torch.__version__),
                                "python": platform.python_version()}}
         config = json.loads(json.dumps(config, default=plain))  # plain types: weights_only-safe
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config)
 
         devices = [device] if device.type == "cuda" else []
@@ -261,10 +274,7 @@ def train_head(cfg: HeadConfig, *, progress: bool = True) -> dict:
     write_checkpoint(out, head=head, name=cfg.head, options=options, class_names=class_names, stream=cfg.stream,
                      config=config, norm=norm)
     write_json(out / "metrics.json", result)
-    if progress:
-        top1 = "no test split" if test["top1"] is None else f"test top-1 {test['top1']:.4f}"
-        print(f"train-head {cfg.head} ({cfg.stream}): best epoch {best['epoch']}, {top1}; wrote {out}")
-    return {**result, "out": str(out)}
+    return result
 
 
 # ---------------------------------------------------------------- runs

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datp.io.atomic import atomic_path
+
 
 def checked_array(x, name: str, ndim: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -219,10 +221,45 @@ def write_activitynet_json(
     version: str = ACTIVITYNET_VERSION,
     external_data: Mapping | None = None,
 ) -> Path:
-    """Write `to_activitynet_json(...)` to `path` and return the path."""
+    """Write `to_activitynet_json(...)` to `path` atomically and return the path."""
     path = Path(path)
-    path.write_text(json.dumps(to_activitynet_json(detections_by_video, version=version, external_data=external_data)))
+    text = json.dumps(to_activitynet_json(detections_by_video, version=version, external_data=external_data))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
+
+
+WEIGHTS_CSV_HEADER = "video,segment,start,end,weight"
+
+
+def check_replaceable(path: str | Path, *, what: str, option: str = "--out") -> None:
+    """Refuse to overwrite `path` unless it is absent or a file of this kind that datp wrote.
+
+    `what` is "detections" (ActivityNet results JSON with datp's `external_data`) or "weights"
+    (`export_weights`' JSON or CSV). Called before any work, so a refusal loses nothing.
+
+    Raises:
+        ValueError: `path` is a folder, or a file datp did not write as `what`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    ours = False
+    try:
+        if path.suffix == ".csv" and what == "weights":
+            with path.open() as f:
+                ours = f.readline().strip() == WEIGHTS_CSV_HEADER
+        else:
+            data = json.loads(path.read_text())
+            ours = isinstance(data, dict) and (
+                "datp" in (data.get("external_data") or {}) if what == "detections" else set(data) == {"videos"})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{option} {path} exists and is not a {what} file written by datp; give another "
+                         f"{option} (datp overwrites only its own {what} files)")
 
 
 def export_weights(weights_by_video: Mapping[str, tuple], path: str | Path) -> Path:
@@ -249,11 +286,12 @@ def export_weights(weights_by_video: Mapping[str, tuple], path: str | Path) -> P
         rows[video] = (a, t)
     if path.suffix == ".json":
         videos = {v: {"start": t[:, 0].tolist(), "end": t[:, 1].tolist(), "weight": a.tolist()} for v, (a, t) in rows.items()}
-        path.write_text(json.dumps({"videos": videos}))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"videos": videos}))
         return path
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["video", "segment", "start", "end", "weight"])
+        writer.writerow(WEIGHTS_CSV_HEADER.split(","))
         for video, (a, t) in rows.items():
             for i in range(len(a)):
                 writer.writerow([video, i, repr(float(t[i, 0])), repr(float(t[i, 1])), repr(float(a[i]))])

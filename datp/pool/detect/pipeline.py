@@ -34,6 +34,7 @@ from datp.pool.data import store_summary
 from datp.pool.detect.evaluators import DetectionResult, evaluate_detection
 from datp.pool.detect.formats import (
     Detection,
+    check_replaceable,
     export_weights,
     read_activitynet_predictions,
     read_ground_truth,
@@ -210,6 +211,9 @@ def localize_run(
                          "(datp eval-detection scores detections)")
     if plot is not None and plot_count < 1:
         raise ValueError(f"--plot-count {plot_count} must be >= 1")
+    check_replaceable(out, what="detections")  # never overwrite what datp did not write
+    if export is not None:
+        check_replaceable(export, what="weights", option="--export")
     truth = read_ground_truth(ground_truth) if ground_truth is not None else None  # fail before the work
     with FeatureStore(features) as store:
         rows = store.indices(split)
