@@ -96,6 +96,22 @@ def test_no_module_level_import_circles():
     assert circles(import_graph(), top_only=True) == []
 
 
+def test_cv2_only_in_io_and_flows():
+    """OpenCV (decoding helpers, flow, jpg folders) stays in the two stages that own pixels."""
+    users = set()
+    for path in (ROOT / "datp").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] == "cv2" for n in names):
+                users.add(module_name(path))
+    assert {u for u in users if stage(u) > STAGES["datp.flows"]} == set()
+
+
 if __name__ == "__main__":
     edges = import_graph()
     print(f"{len(edges)} modules, {sum(len(v) for v in edges.values())} datp imports")
