@@ -1,4 +1,4 @@
-"""Tests for datp/synth.py: the synthetic key-moment benchmark."""
+"""Tests for datp/synth/: the synthetic key-moment benchmark."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datp.synth import CLASSES, SynthConfig, _free_stretches, _place_events, generate, render_video
+from datp.synth import CLASSES, SynthConfig, generate, render_video
+from datp.synth.render import _free_stretches, _place_events
 
 # 16 frames of 48x48; an event lasts round(0.2 * 2 * 8) = 3 frames.
 TINY = SynthConfig(seed=3, num_classes=3, videos_per_class_train=2, videos_per_class_test=1,

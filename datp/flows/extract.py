@@ -169,7 +169,7 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
         store.write_store(out, records, settings, final=False)
         sink = store.FlowPartWriter(out)
     else:
-        marked_settings(out / "datp_flow_settings.json", settings, indent=2, **same)
+        marked_settings(out / jpg.SETTINGS_NAME, settings, indent=2, **same)
         finished = jpg.done_ids(out, records)
         sink = jpg.JpgWriter(out, with_rgb=cfg.rgb)
     absent = {r.id for r in missing}

@@ -13,6 +13,7 @@ exists is whole.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,20 @@ import numpy as np
 from datp.io.datasets import Record
 
 JPEG_QUALITY = 95  # denseflow's default
+SETTINGS_NAME = "datp_flow_settings.json"  # the run's settings, beside the video folders
+
+
+def stored_settings(out: Path) -> dict:
+    """The extract-flow settings recorded in the jpg folder `out`.
+
+    Raises:
+        ValueError: `out` has no settings file (not written by extract-flow --format jpg).
+    """
+    marker = Path(out) / SETTINGS_NAME
+    if not marker.is_file():
+        raise ValueError(f"{out} has no {SETTINGS_NAME}; pass a folder written "
+                         "by datp extract-flow --format jpg")
+    return json.loads(marker.read_text())
 
 
 def video_dir(out: Path, record: Record) -> Path:

@@ -197,7 +197,7 @@ def test_on_the_fly_flow_equals_stored_flow(flow_run):
 def test_jpg_flow_is_close_to_stored_flow(flow_run):
     """jpg folders hold flow as quality-95 JPEG, which is lossy: the features are close, not
     equal. The exact part (the jpg reader feeds the same pipeline) is checked on the inputs."""
-    from datp.extract.features import FeatureConfig, VideoItems, _flow_settings
+    from datp.extract.loader import FeatureConfig, VideoItems, flow_settings
     from datp.io.datasets import load_dataset
 
     jpg, stored = per_video(flow_run["jpg"]), per_video(flow_run["h5"])
@@ -216,7 +216,7 @@ def test_jpg_flow_is_close_to_stored_flow(flow_run):
     cfg = FeatureConfig(out="unused.h5", backbone="resnet18", streams=("flow",), num_segments=3,
                         flows=str(folder), resize=64, input_size=56, workers=0)
     dataset = load_dataset(flow_run["sources"])
-    items = VideoItems(dataset.records, cfg, _flow_settings(cfg))
+    items = VideoItems(dataset.records, cfg, flow_settings(cfg))
     for i, record in enumerate(dataset.records):
         item = items[i]
         assert item["ok"], item.get("reason")
