@@ -1,7 +1,7 @@
 """`datp demo`: the whole pipeline on the synthetic key-moment benchmark, on a laptop CPU.
 
-synth -> extract-flow -> extract-features (rgb and flow) -> train-head for each head and stream
--> two-stream fusion -> a table (head x stream: top-1), `results.json`, and plots (learned weights
+synth -> extract-flow -> extract-features (rgb and flow) -> train-head for each head and stream (one
+study: `datp.pool.train.train_heads` reads each batch once for all of them) -> two-stream fusion -> a table (head x stream: top-1), `results.json`, and plots (learned weights
 over segments for test videos with the true event shaded; per-class accuracy changes datp vs avg).
 
 Each stage writes into the output folder and is reused on rerun (the long ones resume themselves;
@@ -83,7 +83,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     from datp.io.datasets import load_dataset
     from datp.pool.metrics import fuse_runs
     from datp.pool.config import HeadConfig
-    from datp.pool.train import train_head
+    from datp.pool.train import train_heads
     from datp.synth import SynthConfig, generate
 
     unknown = set(cfg.heads) - {name for name, _, _ in DEMO_HEADS}
@@ -121,21 +121,22 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     _check(summary, "extract-features")
     timings["extract_features"] = time.perf_counter() - t
 
-    t = _stage("train-head: every head on each stream", log)
+    t = _stage("train-head: every head on each stream, one study", log)
     options = {name: (head, opts) for name, head, opts in DEMO_HEADS}
-    runs = {}
+    runs, todo = {}, []
+    for name in cfg.heads:
+        head, opts = options[name]
+        for stream in ("rgb", "flow"):
+            runs[name, stream] = run = out / "runs" / f"{name}-{stream}"
+            if not (run / "metrics.json").is_file():  # finished runs are reused
+                todo.append(HeadConfig(features=str(out / "features.h5"), out=str(run), head=head, stream=stream,
+                                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                                       **opts))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.head_threads)
     try:
-        for name in cfg.heads:
-            head, opts = options[name]
-            for stream in ("rgb", "flow"):
-                run = out / "runs" / f"{name}-{stream}"
-                if not (run / "metrics.json").is_file():
-                    train_head(HeadConfig(features=str(out / "features.h5"), out=str(run), head=head,
-                                          stream=stream, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                          lr=cfg.lr, seed=cfg.seed, **opts), progress=progress)
-                runs[name, stream] = run
+        if todo:  # every head and stream from one read of each batch (`train_heads`)
+            train_heads(todo, progress=progress)
     finally:
         torch.set_num_threads(threads)
     timings["train_heads"] = time.perf_counter() - t

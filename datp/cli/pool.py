@@ -17,11 +17,13 @@ E = defaults(EvaluateConfig)
 @click.command("train-head")
 @click.argument("features", type=click.Path(path_type=Path))
 @click.option("--head", default=D["head"], show_default=True,
-              help="avg, max, datp, lstm-attn, self-attn or joint-attn.")
-@click.option("--stream", type=click.Choice(["rgb", "flow", "both"]), default=D["stream"],
-              show_default=True, help="both: joint-attn only (other heads: one run per stream, "
-              "fused by datp evaluate).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
+              help="avg, max, datp, lstm-attn, self-attn or joint-attn; several, comma-separated, train as one "
+              "study (one read of each batch for all) into OUT/<head>-<stream>/.")
+@click.option("--stream", default=D["stream"], show_default=True,
+              help="rgb, flow, or both (joint-attn only); rgb,flow trains each head on each stream (joint-attn "
+              "once, on both); fuse the streams with datp evaluate.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run folder; with several heads or streams, the folder of their run folders.")
 @click.option("--epochs", type=int, default=D["epochs"], show_default=True)
 @click.option("--batch-size", type=int, default=D["batch_size"], show_default=True, help="Videos per step.")
 @click.option("--lr", type=float, default=D["lr"], show_default=True, help="Adam learning rate.")
@@ -72,20 +74,22 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
                    transfer_from, mmd_weight, quiet):
     """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
 
-    Writes config.json, checkpoint.pt, metrics.json, predictions.h5 and weights.csv to --out.
+    Writes config.json, checkpoint.pt, metrics.json, predictions.h5 and weights.csv to --out. Several
+    heads or streams (--head avg,datp --stream rgb,flow) train in one pass over the data, each into
+    OUT/<head>-<stream>/, exactly as their own runs would.
     """
-    from datp.pool.train import train_head
+    from datp.pool.config import study_configs
+    from datp.pool.train import train_heads
 
-    cfg = HeadConfig(features=str(features), out=str(out), head=head, stream=stream,
-                     epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                     seed=seed, val_fraction=val_fraction, score_source=score_source,
-                     datp_input=datp_input, gaussians=gaussians, generator=generator,
-                     pooled_scores=pooled_scores, hidden=hidden, attn_hidden=attn_hidden,
-                     attention=attention, alpha=alpha, beta=beta, dropout=dropout,
-                     standardize=standardize, device=device, max_ram_gb=max_ram_gb,
-                     transfer_from=str(transfer_from) if transfer_from else None,
-                     mmd_weight=mmd_weight)
-    train_head(cfg, progress=not quiet)
+    options = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                   seed=seed, val_fraction=val_fraction, score_source=score_source,
+                   datp_input=datp_input, gaussians=gaussians, generator=generator,
+                   pooled_scores=pooled_scores, hidden=hidden, attn_hidden=attn_hidden,
+                   attention=attention, alpha=alpha, beta=beta, dropout=dropout,
+                   standardize=standardize, device=device, max_ram_gb=max_ram_gb,
+                   transfer_from=str(transfer_from) if transfer_from else None, mmd_weight=mmd_weight)
+    cfgs = study_configs(str(features), str(out), heads=head.split(","), streams=stream.split(","), **options)
+    train_heads(cfgs, progress=not quiet)
 
 
 @click.command("evaluate")

@@ -6,7 +6,9 @@ The CLI's options map one to one onto `HeadConfig`'s fields and take their defau
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from datp.pool.heads import HEADS
 from datp.pool.heads.attention import ATTENTIONS
@@ -165,3 +167,39 @@ def head_options(cfg: HeadConfig, *, score_source: str, num_classes: int, num_se
     elif cfg.head == "joint-attn":
         opts |= {"attn_hidden": cfg.attn_hidden, "streams": ["rgb", "flow"]}
     return opts
+
+
+def study_configs(features: str, out: str, *, heads: Sequence[str], streams: Sequence[str], **options) -> list[HeadConfig]:
+    """The `HeadConfig`s of `datp train-head --head a,b --stream rgb,flow`: one per head and stream.
+
+    One head and one stream: one config writing `out` itself. Otherwise each writes `out/<head>-<stream>`;
+    joint-attn trains once, on "both"; an option a head does not read (`OPTION_HEADS`) keeps its default
+    for that head, so `--gaussians 1` reaches datp alone.
+
+    Raises:
+        ValueError: an unknown head or stream, or a head without a stream to train on.
+    """
+    heads = [h.strip() for h in heads if h.strip()]
+    streams = [s.strip() for s in streams if s.strip()]
+    for name in heads:
+        if name not in HEADS:
+            raise ValueError(f"unknown head {name!r}; choose from {sorted(HEADS)}")
+    for stream in streams:
+        if stream not in STREAM_CHOICES:
+            raise ValueError(f"--stream {stream!r} is not one of {list(STREAM_CHOICES)}")
+    if len(heads) == 1 and len(streams) == 1:
+        return [HeadConfig(features=features, out=out, head=heads[0], stream=streams[0], **options)]
+    defaults = {f.name: f.default for f in fields(HeadConfig)}
+    for key, readers in OPTION_HEADS.items():
+        if key in options and options[key] != defaults[key] and not set(readers) & set(heads):
+            raise ValueError(f"--{_flag(key)} applies to {', '.join(readers)} only, none of which is in --head "
+                             f"{','.join(heads)}; drop it")
+    cfgs = []
+    for name in dict.fromkeys(heads):
+        own = {k: (v if k not in OPTION_HEADS or name in OPTION_HEADS[k] else defaults[k]) for k, v in options.items()}
+        for stream in ["both"] if name == "joint-attn" else [s for s in dict.fromkeys(streams) if s != "both"]:
+            cfgs.append(HeadConfig(features=features, out=str(Path(out) / f"{name}-{stream}"), head=name,
+                                   stream=stream, **own))
+        if name != "joint-attn" and not any(s != "both" for s in streams):
+            raise ValueError(f"--stream both is for joint-attn only; give {name} rgb or flow")
+    return cfgs

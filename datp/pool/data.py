@@ -1,6 +1,13 @@
 """What stage two reads from a feature store: the dataset's classes, the train/validation/test rows
 (`split_rows`), and `SegmentData`, which serves padded batches of store rows from RAM or straight from
-the HDF5 store (the next batch read in a background thread), standardised with `ChannelNorm`.
+the HDF5 store, standardised with `ChannelNorm`.
+
+Costs (`bench/heads.py`): in RAM, the conv maps are standardised once, in place, when the norm is
+set, so a batch costs one gather and one float16 -> float32 conversion, as a bare training loop
+over an in-memory tensor does; streamed, batches are read ahead by a worker process
+(`datp.pool.stream.StoreReader`) when the data is larger than `PROCESS_READER_BYTES`, else by a
+background thread. Both give the same numbers, bit for bit: `ChannelNorm` rounds what it returns
+to float16, the store's precision, as the in-RAM copy holds it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from datp.io.splits import split_validation
 from datp.pool.heads import SegmentBatch
 
 LOAD_BLOCK = 64  # videos per read when filling RAM (bounds the float32 temporary of FeatureStore.load)
+# Streamed data above this size is read by a worker process; below it a thread is enough and starting a
+# process (seconds: it imports torch) would cost more than it saves.
+PROCESS_READER_BYTES = 1 << 30
 
 
 def dataset_classes(store: FeatureStore) -> list[str]:
@@ -85,13 +95,14 @@ class SegmentData:
         max_ram_gb: hold everything in RAM (conv maps as float16) when it needs at most this.
         progress: show a bar while filling RAM.
         norm: {stream: ChannelNorm} standardising the conv maps of every served batch (None: as stored);
-            may also be set later with `self.norm = ...` (train_head computes it from this data's rows).
+            may also be set once later with `self.norm = ...` (train_head computes it from this data's
+            raw rows with `fit_norms`, which reads them through `_load` before the norm is set).
     """
 
     def __init__(self, store: FeatureStore, rows: Sequence[int], *, streams: Sequence[str], conv: bool,
                  pad_to: int, max_ram_gb: float, progress: bool = False, norm: dict | None = None):
         self.store, self.streams, self.conv, self.pad_to = store, tuple(streams), conv, pad_to
-        self.norm = norm
+        self._norm, self._reader = None, None
         self.rows = np.unique(np.asarray(rows, np.int64))
         self.nbytes = self.bytes_needed(store, len(self.rows), streams=streams, conv=conv, pad_to=pad_to)
         self.in_ram = self.nbytes <= max_ram_gb * 2**30
@@ -100,6 +111,31 @@ class SegmentData:
             started = time.perf_counter()
             self._fill(progress)
             self.load_seconds = time.perf_counter() - started
+        self.norm = norm
+
+    @property
+    def norm(self) -> dict | None:
+        return self._norm
+
+    @norm.setter
+    def norm(self, norm: dict | None) -> None:
+        if norm is None:
+            return
+        if self._norm is not None:
+            raise RuntimeError("SegmentData.norm is set once: the in-RAM copy is standardised in place")
+        self._norm = norm
+        if self.in_ram and self.conv:
+            for stream, conv in self._conv.items():  # once, in place, a block at a time
+                for start in range(0, len(conv), LOAD_BLOCK):
+                    conv[start:start + LOAD_BLOCK] = norm[stream](conv[start:start + LOAD_BLOCK].float())
+
+    def close(self) -> None:
+        """Stop the read-ahead worker process, if one was started (also done on garbage collection)."""
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()
+            self._reader = None
+
+    __del__ = close
 
     @staticmethod
     def bytes_needed(store: FeatureStore, num_rows: int, *, streams: Sequence[str], conv: bool, pad_to: int) -> int:
@@ -136,11 +172,12 @@ class SegmentData:
         """The videos `rows` (store rows, any order) as a float32 batch in that order, standardised
         with `self.norm` when it is set."""
         batch = self._load(rows)
-        if self.norm is not None and self.conv:
+        if self.norm is not None and self.conv and not self.in_ram:  # the RAM copy is standardised already
             batch.conv = {s: self.norm[s](v) for s, v in batch.conv.items()}
         return batch
 
     def _load(self, rows: Sequence[int]) -> Batch:
+        """`load` without standardising streamed batches (the RAM copy is as `norm` left it)."""
         rows = np.asarray(rows, np.int64)
         if not self.in_ram:
             return self.store.load(rows, streams=self.streams, conv=self.conv, pad_to=self.pad_to)
@@ -153,11 +190,19 @@ class SegmentData:
                      self._mask[pos], self._label[pos], torch.from_numpy(rows))
 
     def batches(self, rows: Sequence[int], batch_size: int) -> Iterator[Batch]:
-        """`rows` in order, `batch_size` at a time; when streaming, the next batch is read in a
-        background thread while the caller works on the current one."""
-        chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        """`rows` in order, `batch_size` at a time; when streaming, the next batches are read ahead (by a
+        worker process for data over `PROCESS_READER_BYTES`, else by a thread) while the caller works."""
+        chunks = [np.asarray(rows[i:i + batch_size], np.int64) for i in range(0, len(rows), batch_size)]
         if self.in_ram or len(chunks) < 2:
             yield from (self.load(c) for c in chunks)
+            return
+        if self.nbytes > PROCESS_READER_BYTES:
+            if self._reader is None:
+                from datp.pool.stream import StoreReader
+
+                self._reader = StoreReader(self.store.path, streams=self.streams, conv=self.conv, pad_to=self.pad_to,
+                                           norm=self.norm)
+            yield from self._reader.batches(chunks)
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self.load, chunks[0])

@@ -44,38 +44,47 @@ def segment_class_scores(head: nn.Module, x) -> Tensor | None:
 @torch.no_grad()
 def predict(head: nn.Module, data: SegmentData, rows: Sequence[int], *, batch_size: int,
             device: torch.device, segment_scores: bool = False) -> dict[str, np.ndarray]:
-    """Run a head (in eval mode) over `rows`.
+    """Run a head (in eval mode) over `rows`, on all of `data`'s streams.
 
     Returns:
         {"rows" (V,), "labels" (V,), "logits" (V, C), "weights" (V, N), "mask" (V, N), "t" (V, N),
         "frame" (V, N), and with `segment_scores` "segment_scores" (V, N, C) (absent for heads
         without per-segment class scores, see `segment_class_scores`)}; {} when `rows` is empty.
     """
-    head.eval()
-    joint = isinstance(head, HEADS["joint-attn"])
+    return predict_many([(head, data.streams)], data, rows, batch_size=batch_size, device=device,
+                        segment_scores=segment_scores)[0]
+
+
+@torch.no_grad()
+def predict_many(heads: Sequence[tuple[nn.Module, Sequence[str]]], data: SegmentData, rows: Sequence[int], *,
+                 batch_size: int, device: torch.device, segment_scores: bool = False) -> list[dict[str, np.ndarray]]:
+    """`predict` for several (head, streams) pairs from one pass over the data: one dict per head."""
+    for head, _ in heads:
+        head.eval()
     rows = np.asarray(rows, np.int64)
     # The outputs are filled into arrays allocated once: small per-batch arrays kept until the end
     # land in the holes the large per-batch tensors leave in glibc's heap, which then cannot reuse
     # them; RSS grew by one batch of conv maps per batch (1.7 GiB over 2,000 videos) before.
-    out: dict[str, np.ndarray] = {}
+    outs: list[dict[str, np.ndarray]] = [{} for _ in heads]
     start = 0
     for batch in data.batches(rows, batch_size):
-        x = head_input(batch, data.streams, device, joint)
-        result = head(x)
-        values = {"rows": batch.index, "labels": batch.label, "logits": result.logits.float(),
-                  "weights": result.weights.float(), "mask": batch.mask, "t": batch.t, "frame": batch.frame}
-        if segment_scores:
-            scores = segment_class_scores(head, x)
-            if scores is not None:
-                values["segment_scores"] = scores.float()
         B = len(batch.label)
-        for key, value in values.items():
-            value = value.cpu().numpy()
-            if key not in out:
-                out[key] = np.empty((len(rows),) + value.shape[1:], value.dtype)
-            out[key][start:start + B] = value
+        for (head, streams), out in zip(heads, outs):
+            x = head_input(batch, tuple(streams), device, isinstance(head, HEADS["joint-attn"]))
+            result = head(x)
+            values = {"rows": batch.index, "labels": batch.label, "logits": result.logits.float(),
+                      "weights": result.weights.float(), "mask": batch.mask, "t": batch.t, "frame": batch.frame}
+            if segment_scores:
+                scores = segment_class_scores(head, x)
+                if scores is not None:
+                    values["segment_scores"] = scores.float()
+            for key, value in values.items():
+                value = value.cpu().numpy()
+                if key not in out:
+                    out[key] = np.empty((len(rows),) + value.shape[1:], value.dtype)
+                out[key][start:start + B] = value
         start += B
-    return out
+    return outs
 
 
 def run_data(run: Run, store: FeatureStore, rows: Sequence[int], *, max_ram_gb: float = 0.0) -> SegmentData:

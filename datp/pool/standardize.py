@@ -10,16 +10,18 @@ import torch
 
 from datp.pool.data import LOAD_BLOCK, SegmentData
 
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
 
 @dataclass(frozen=True)
 class ChannelNorm:
-    """Per-channel standardisation of conv maps: `(x - mean[c]) / std[c]`, padded segments kept at 0.
+    """Per-channel standardisation of conv maps: `(x - mean[c]) / std[c]`, held at float16 precision.
 
     Frozen backbones give features whose channels differ in offset and scale, and the streams differ
     by orders of magnitude (a randomly initialised ResNet-18 on the demo's videos: rgb values 1.26 on
     average with channel means spread by 1.23, flow values 0.05 +- 0.07): the small class-dependent
-    part is then slow to find for Adam on a few hundred videos (every demo head sat at chance). Standardising with the training videos' statistics, as any linear probe
-    does, fixes that; the statistics are saved in the checkpoint and applied to every later input.
+    part is then slow to find for Adam on a few hundred videos (every demo head sat at chance).
+    Standardising with the training videos' statistics, as any linear probe does, fixes that; the statistics are saved in the checkpoint and applied to every later input.
 
     Attributes:
         mean: (Cf,) float32 mean of each channel over the training videos' real segments and positions.
@@ -30,11 +32,16 @@ class ChannelNorm:
     std: torch.Tensor
 
     def __call__(self, conv: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, N, Cf, ...) or (B, N, Cf) conv features -> standardised, same shape."""
+        """(B, N, Cf, ...) or (B, N, Cf) conv features -> standardised float32 values rounded to float16.
+
+        The rounding to float16 (the store's own precision; values clamped to its range) is what lets
+        `SegmentData` standardise its in-RAM float16 copy once and stream batches with the same bits.
+        """
         if conv is None:
             return None
         shape = (-1,) + (1,) * (conv.dim() - 3)  # broadcast over the spatial dims, if any
-        return (conv - self.mean.view(shape)) / self.std.view(shape)
+        x = (conv.float() - self.mean.view(shape)) / self.std.view(shape)
+        return x.clamp_(-FLOAT16_MAX, FLOAT16_MAX).half().float()
 
     def state(self) -> dict:
         return {"mean": self.mean.clone(), "std": self.std.clone()}
