@@ -48,7 +48,10 @@ CF, H, W = 512, 7, 7
 BLOCK = 200  # videos generated and written at a time
 
 
-def write_store(path: Path, videos: int, segments: int, seed: int = 0) -> float:
+COMPRESSION = {"gzip1": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}, "none": {}}
+
+
+def write_store(path: Path, videos: int, segments: int, seed: int = 0, compression: str = "gzip1") -> float:
     """A fixed-layout feature store in the documented schema, written block by block with h5py.
 
     `datp.extract.store.build_store` takes every video in memory or as part files; a 5 GB bench store
@@ -78,7 +81,7 @@ def write_store(path: Path, videos: int, segments: int, seed: int = 0) -> float:
         f["segments/t"] = np.tile((np.arange(segments, dtype=np.float32) + 0.5) / segments, (videos, 1))
         f["segments/frame"] = np.tile(np.arange(segments, dtype=np.int64) * 10, (videos, 1))
         conv = f.create_dataset("rgb/conv", shape=(videos, segments, CF, H, W), dtype=np.float16,
-                                chunks=(1, segments, CF, H, W), compression="gzip", compression_opts=1)
+                                chunks=(1, segments, CF, H, W), **COMPRESSION[compression])
         logits = f.create_dataset("rgb/logits", shape=(videos, segments, 1000), dtype=np.float32)
         for start in range(0, videos, BLOCK):
             stop = min(start + BLOCK, videos)
@@ -180,6 +183,36 @@ def _forward_ratio(videos: int, segments: int, repeats: int, queue) -> None:
     queue.put({"resnet34_seconds": t_resnet, "datp_seconds": t_datp, "images": videos * segments})
 
 
+def _read_speed(store_path: str, videos: int, queue) -> None:
+    """Videos/s of reading conv rows as the streamed reader does (`FeatureStore.load`, 32 at a time)."""
+    with FeatureStore(store_path) as store:
+        rows = store.indices()[:videos]
+        started = time.perf_counter()
+        for i in range(0, len(rows), 32):
+            store.load(rows[i:i + 32], streams=["rgb"], conv=True)
+        queue.put({"videos_per_s": len(rows) / (time.perf_counter() - started)})
+
+
+STUDY = (("avg", {}), ("max", {}), ("datp", {"gaussians": 1}), ("datp", {"gaussians": 2}),
+         ("datp", {"generator": "discrete"}), ("lstm-attn", {"hidden": 128}), ("self-attn", {}))
+
+
+def _study(store_path: str, out: str, epochs: int, batch_size: int, together: bool, queue) -> None:
+    """The demo's seven heads on one stream: one study (`train_heads`) or seven `train_head` runs."""
+    from datp.pool.config import HeadConfig
+    from datp.pool.train import train_head, train_heads
+
+    cfgs = [HeadConfig(features=store_path, out=f"{out}/{i}", head=h, score_source="linear", epochs=epochs,
+                       batch_size=batch_size, device="cpu", **o) for i, (h, o) in enumerate(STUDY)]
+    started = time.perf_counter()
+    if together:
+        train_heads(cfgs, progress=False)
+    else:
+        for cfg in cfgs:
+            train_head(cfg, progress=False)
+    queue.put({"seconds": time.perf_counter() - started, "peak_rss_gib": _peak_gib()})
+
+
 def _with_threads(threads: int, target, *args) -> None:
     torch.set_num_threads(threads)
     target(*args)
@@ -207,6 +240,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="folder for the temporary store (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the store and runs")
+    parser.add_argument("--compression", choices=sorted(COMPRESSION), default="gzip1",
+                        help="compression of the bench store's conv maps (extract-features writes gzip1)")
+    parser.add_argument("--compare-videos", type=int, default=300,
+                        help="videos per store in the compression comparison (0: skip it)")
+    parser.add_argument("--study-videos", type=int, default=400,
+                        help="videos of the study comparison, seven heads (0: skip it)")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="datp_bench_heads_", dir=args.dir))
@@ -218,8 +257,28 @@ def main() -> None:
     modes = {"base": (_baseline, ()), "ram": (_train_head, (None,)), "stream": (_train_head, (0.0,))}
     runs = {name: [] for name in modes}
     try:
-        seconds = write_store(store, args.videos, args.segments)
-        print(f"store written in {seconds:.0f} s: {store.stat().st_size / 1e9:.2f} GB on disk (gzip 1)", flush=True)
+        compare = {}
+        for name in (sorted(COMPRESSION) if args.compare_videos else []):
+            path = folder / f"compare_{name}.h5"
+            write_store(path, args.compare_videos, args.segments, compression=name)
+            reads = [_child(args.threads, _read_speed, str(path), args.compare_videos)["videos_per_s"]
+                     for _ in range(args.rounds)]
+            compare[name] = {"bytes": path.stat().st_size, "videos_per_s": max(reads)}
+            path.unlink()
+        study = {}
+        if args.study_videos:
+            path = folder / "study.h5"
+            write_store(path, args.study_videos, args.segments, compression=args.compression)
+            for round_ in range(args.rounds):
+                for together in (True, False):
+                    key = "one study" if together else "seven runs"
+                    r = _child(args.threads, _study, str(path), str(folder / f"study{round_}{together}"), args.epochs,
+                               args.batch_size, together)
+                    study.setdefault(key, []).append(r)
+            path.unlink()
+        seconds = write_store(store, args.videos, args.segments, compression=args.compression)
+        print(f"store written in {seconds:.0f} s: {store.stat().st_size / 1e9:.2f} GB on disk ({args.compression})",
+              flush=True)
         for round_ in range(args.rounds):
             for name, (target, extra) in modes.items():
                 runs[name].append(_child(args.threads, target, str(store), str(folder / f"{name}{round_}"),
@@ -244,10 +303,20 @@ def main() -> None:
         print(f"   {label} ({runs[name][0]['data']}): {e:.1f} s = {e / b:.2f}x (target <= 1.2x); validation "
               f"{best(name, 'val_seconds'):.1f} s; one-off load {min(r['load_seconds'] for r in runs[name]):.1f} s; "
               f"peak RSS {max(r['peak_rss_gib'] for r in runs[name]):.2f} GiB")
+    if compare:
+        base = compare["gzip1"]
+        print(f"\n3. conv-map compression ({args.compare_videos} videos, read 32 at a time; best of {args.rounds}):")
+        for name, c in compare.items():
+            print(f"   {name:>5}: {c['bytes'] / 1e6:7.0f} MB ({c['bytes'] / base['bytes']:.2f}x gzip1's size), "
+                  f"{c['videos_per_s']:6.0f} videos/s ({c['videos_per_s'] / base['videos_per_s']:.2f}x gzip1's speed)")
+    if study:
+        one, seven = (min(r["seconds"] for r in study[k]) for k in ("one study", "seven runs"))
+        print(f"\n4. seven heads ({', '.join(h for h, _ in STUDY)}) x {args.epochs} epoch(s) on {args.study_videos} "
+              f"videos: one study {one:.1f} s, seven runs {seven:.1f} s = {seven / one:.2f}x")
     frac = fwd["datp_seconds"] / fwd["resnet34_seconds"]
     print(f"\n2. forward over {fwd['images']} segments (224 px): ResNet-34 {fwd['resnet34_seconds'] * 1e3:.0f} ms, "
           f"DATP head {fwd['datp_seconds'] * 1e3:.2f} ms = {100 * frac:.2f}% (target < 2%)")
-    print(json.dumps({**runs, "forward": fwd}))
+    print(json.dumps({**runs, "forward": fwd, "compression": compare, "study": study}))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datp.extract.store import FeatureStore  # noqa: E402
-from datp.pool.detect.pipeline import eval_detection, localize_arrays, shown_frames# noqa: E402
+from datp.pool.detect.pipeline import eval_detection, localize_arrays, shown_frames  # noqa: E402
 from datp.pool.detect.evaluators import ANET_THRESHOLDS, evaluate_detection
 from datp.pool.detect.formats import read_activitynet_ground_truth# noqa: E402
 from datp.pool.detect.localize import fuse_streams# noqa: E402

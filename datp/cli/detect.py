@@ -62,11 +62,15 @@ def localize_cmd(run_dir, features, out, split, flow_run, theta, class_threshold
               help="Ground truth subset: 'validation' (ActivityNet JSON) or 'test'/'val' (THUMOS14 folder).")
 @click.option("--tiou", default=None, help="tIoU thresholds, e.g. 0.5,0.75 (default: the evaluator's).")
 @click.option("--per-class", is_flag=True, help="Also print each class's AP.")
+@click.option("--annotated-only", is_flag=True,
+              help="Leave out detections on videos the ground truth does not list (and say how many); by "
+              "default they are false positives, as in the official ActivityNet and THUMOS14 tools.")
 @user_errors
-def eval_detection_cmd(detections, ground_truth, evaluator, subset, tiou, per_class):
+def eval_detection_cmd(detections, ground_truth, evaluator, subset, tiou, per_class, annotated_only):
     """Mean AP of ActivityNet results JSON against ActivityNet JSON or THUMOS14 annotations."""
     from datp.pool.detect.evaluators import format_result
 
     thresholds = None if tiou is None else parse_numbers(tiou, kind=float, what="--tiou")
-    result = pipeline.eval_detection(detections, ground_truth, evaluator=evaluator, subset=subset, tiou=thresholds)
+    result = pipeline.eval_detection(detections, ground_truth, evaluator=evaluator, subset=subset, tiou=thresholds,
+                                     annotated_only=annotated_only)
     click.echo(format_result(result, per_class=per_class))

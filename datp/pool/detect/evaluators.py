@@ -50,6 +50,10 @@ class DetectionResult:
         map: (T,) mean over classes of the AP at each threshold.
         average_map: mean of `map` over thresholds.
         ignored_labels: predicted labels that have no ground truth (not scored).
+        videos: videos the ground truth lists (None when not counted).
+        detections: detections scored (None when not counted).
+        left_out: detections on videos the ground truth does not list that were left out on request
+            (`eval_detection(..., annotated_only=True)`); 0 when they were scored as false positives.
     """
 
     evaluator: str
@@ -58,9 +62,9 @@ class DetectionResult:
     map: tuple[float, ...]
     average_map: float
     ignored_labels: tuple[str, ...] = field(default=())
-
-
-# ---------------------------------------------------------------------------------------- readers
+    videos: int | None = None
+    detections: int | None = None
+    left_out: int = 0
 
 
 # -------------------------------------------------------------------------------------- matching
@@ -236,6 +240,10 @@ def format_result(result: DetectionResult, *, per_class: bool = False) -> str:
     """A plain-text table: mAP at each threshold and their average (and each class's AP if asked)."""
     rule = "tIoU >= t, interpolated AP" if result.evaluator == "anet" else "overlap > t, non-interpolated AP"
     lines = [f"evaluator: {result.evaluator} ({rule}); {len(result.ap)} classes"]
+    if result.detections is not None:
+        lines.append(f"{result.detections} detections scored on {result.videos} annotated videos"
+                     + (f"; {result.left_out} detections on videos without ground truth left out (--annotated-only)"
+                        if result.left_out else "; detections on videos without ground truth count as false positives"))
     if result.ignored_labels:
         lines.append(f"ignored predicted labels without ground truth: {', '.join(result.ignored_labels)}")
     header = "tIoU   mAP"

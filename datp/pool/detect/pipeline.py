@@ -12,8 +12,9 @@
 - `plot_videos(...)` draws the attention of a few videos against their ground truth (one PNG each);
   `localize_run(..., plot=DIR, ground_truth=FILE)` calls it.
 
-Segment times come from the store: segment i of a video covers the frame it shows up to the next
-segment's, the first segment starts at frame 0 and the last runs to `videos/num_frames`; seconds
+Segment times come from the store: segment i of a video spans from the midpoint between the frames
+segments i-1 and i show to the midpoint between i's and i+1's (centred on what it shows), the first
+starts at frame 0 and the last runs to `videos/num_frames`; seconds
 divide by `videos/fps` (`datp.pool.detect.localize.segment_seconds`). A segment shows `segments/frame` in an
 RGB-only store, and `segments/frame + L // 2` in a store with the flow stream, whose segments read
 flow pairs `start .. start + L - 1` and the RGB frame `start + L // 2` (`datp.extract.features`;
@@ -23,6 +24,7 @@ flow pairs `start .. start + L - 1` and the RGB frame `start + L // 2` (`datp.ex
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -80,13 +82,10 @@ def shown_frames(frames: np.ndarray, new_length: Mapping[str, int]) -> np.ndarra
         new_length: the store's {stream: L}.
 
     Returns:
-        (V, N) int64 first frames for `segment_seconds`: `frames + L // 2` with the flow stream (L =
-        new_length["flow"]), `frames` without; the first segment of each video starts at 0 either way,
-        so the segments still tile the video (segment 0 reads the video's first frames).
+        (V, N) int64 shown frames for `segment_seconds` (which centres each span on them and starts the
+        first at 0): `frames + L // 2` with the flow stream (L = new_length["flow"]), `frames` without.
     """
-    shown = np.array(frames, dtype=np.int64) + (int(new_length["flow"]) // 2 if "flow" in new_length else 0)
-    shown[:, 0] = 0
-    return shown
+    return np.array(frames, dtype=np.int64) + (int(new_length["flow"]) // 2 if "flow" in new_length else 0)
 
 
 def localize_arrays(
@@ -264,25 +263,33 @@ def eval_detection(
     evaluator: str,
     subset: str | None = None,
     tiou: Sequence[float] | None = None,
+    annotated_only: bool = False,
 ) -> DetectionResult:
     """Mean AP of an ActivityNet results JSON against ground truth (format with `format_result`).
 
     Args:
         detections_path: results JSON (`datp localize` writes one).
         ground_truth_path: ActivityNet ground truth JSON, or a THUMOS14 annotation folder.
-        evaluator: "anet" or "thumos14" (see `datp.pool.detect.evaluators`).
+        evaluator: "anet" (tIoU 0.5:0.05:0.95 by default) or "thumos14" (0.1:0.1:0.7); see
+            `datp.pool.detect.evaluators`.
         subset: the ground truth subset to evaluate ("validation" for ActivityNet JSON, "test" or
             "val" for THUMOS14 folders); None keeps every video (THUMOS14: the only subset present).
         tiou: tIoU thresholds; None uses the evaluator's defaults.
+        annotated_only: leave out the detections on videos the ground truth (subset) does not list,
+            and count them in `left_out`. Off by default: as in both official tools, such detections
+            are false positives (THUMOS14's test set has background-only videos), so localize only
+            the evaluated split (`datp localize --split`).
 
     Returns:
-        The result, labelled with its evaluator. Detections of videos that the ground truth does not
-        list (e.g. training videos when `subset` is "validation") are left out, not counted as false
-        positives.
+        The result, labelled with its evaluator, with the counts of videos, detections scored and
+        detections left out.
     """
     truth = read_ground_truth(ground_truth_path, subset=subset)
     predictions = read_activitynet_predictions(detections_path)
-    if truth.videos:
+    left_out = 0
+    if annotated_only:
         listed = set(truth.videos)
-        predictions = [d for d in predictions if d.video in listed]
-    return evaluate_detection(predictions, truth, evaluator=evaluator, tiou_thresholds=tiou)
+        kept = [d for d in predictions if d.video in listed]
+        left_out, predictions = len(predictions) - len(kept), kept
+    result = evaluate_detection(predictions, truth, evaluator=evaluator, tiou_thresholds=tiou)
+    return replace(result, videos=len(set(truth.videos)), detections=len(predictions), left_out=left_out)

@@ -46,12 +46,31 @@ def test_class_segment_scores_and_fusion_by_hand():
         fuse_streams(rgb, flow, theta=1.5)
 
 
-def test_segment_seconds():
-    # Starts every 8 frames at 4 fps in a 30-frame video: [0, 2], [2, 4], [4, 6], [6, 7.5] seconds.
-    _close(segment_seconds([0, 8, 16, 24], fps=4.0, num_frames=30), [[0, 2], [2, 4], [4, 6], [6, 7.5]])
+def test_segment_seconds_are_centred_on_the_shown_frames():
+    # Stride store: frames 0, 8, 16, 24 shown at 4 fps in a 30-frame video. Frame centres 0.5, 8.5, 16.5,
+    # 24.5; boundaries at their midpoints 4.5, 12.5, 20.5 frames; first from 0, last to frame 30.
+    times = segment_seconds([0, 8, 16, 24], fps=4.0, num_frames=30)
+    _close(times, np.array([[0, 4.5], [4.5, 12.5], [12.5, 20.5], [20.5, 30]]) / 4.0)
+    _close(times[1:3].mean(axis=1), np.array([8.5, 16.5]) / 4.0)  # inner shown frames sit mid-span
     _close(segment_seconds([[0, 4], [8, 12]], fps=4.0, num_frames=30), [[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="non-decreasing"):
         segment_seconds([8, 0], fps=4.0, num_frames=30)
+    with pytest.raises(ValueError, match="not after the last shown frame"):
+        segment_seconds([0, 30], fps=4.0, num_frames=30)
+
+
+def test_fixed_layout_segments_are_the_sampled_parts():
+    # TSN's fixed layout, T = 1000 frames, N = 10: segment k shows frame 100 k + 50, the centre of part
+    # [100 k, 100 k + 100). Its span is that part up to half a frame: [100 k + 0.5, 100 k + 100.5).
+    times = segment_seconds(np.arange(10) * 100 + 50, fps=1.0, num_frames=1000)
+    want = np.stack([np.arange(10) * 100 + 0.5, np.arange(10) * 100 + 100.5], axis=1)
+    want[0, 0], want[-1, 1] = 0.0, 1000.0
+    _close(times, want)
+    # An event filling part 3 now scores tIoU 99.5 / 100.5 with segment 3 (0.33 under the old rule,
+    # which gave it [350, 450)).
+    start, end = times[3]
+    overlap = min(end, 400) - max(start, 300)
+    assert abs(overlap / (max(end, 400) - min(start, 300)) - 99.5 / 100.5) < 1e-12
 
 
 def test_bump_gives_detection_at_the_bump():
@@ -90,7 +109,8 @@ def test_outer_inner_contrast_score_by_hand():
         r[:, None] * 0.3, np.array([0.8]), segment_times=times, class_names=["A"], video="v",
         segment_threshold=0.6, contrast_weight=0.5,
     )
-    assert len(dets) == 1 and (dets[0].start, dets[0].end) == (2.0, 4.0), dets
+    # segments 2..3 show frames 4 and 6: centred spans from frame 3.5 to 7.5, at 2 fps [1.75, 3.75] s
+    assert len(dets) == 1 and (dets[0].start, dets[0].end) == (1.75, 3.75), dets
     _close(dets[0].score, 0.6)
 
 

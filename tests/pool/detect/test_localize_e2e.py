@@ -131,9 +131,9 @@ def test_eval_detection_cli_and_plots(localized):
 def test_shown_frames_by_hand():
     frames = np.array([[0, 2, 4, 6], [0, 3, 0, 0]])  # second video: 2 segments, then padding
     got = shown_frames(frames, {"rgb": 1, "flow": 5})  # flow: pairs start..start+4, RGB frame start+2
-    assert got.tolist() == [[0, 4, 6, 8], [0, 5, 2, 2]], got
+    assert got.tolist() == [[2, 4, 6, 8], [2, 5, 2, 2]], got
     assert shown_frames(frames, {"rgb": 1}).tolist() == frames.tolist()  # RGB alone: the frame itself
-    assert shown_frames(np.array([[3, 5]]), {"rgb": 1}).tolist() == [[0, 5]]  # the first starts at 0
+    assert shown_frames(np.array([[3, 5]]), {"rgb": 1}).tolist() == [[3, 5]]
     assert frames.tolist() == [[0, 2, 4, 6], [0, 3, 0, 0]]  # input unchanged
 
 
@@ -161,6 +161,7 @@ def test_localize_run_times_segments_by_the_frame_they_show(tmp_path, streams):
     localize_run(run, store, out=tmp_path / "d.json", split="test", export=tmp_path / "w.json")
     _, times = read_weights(tmp_path / "w.json")["v2"]
     shown = starts + (L // 2 if "flow" in streams else 0)
-    bounds = np.append(np.append(0, shown[1:]), T) / fps
+    centres = shown + 0.5  # spans centred on the shown frames: boundaries at the midpoints of their centres
+    bounds = np.concatenate([[0], (centres[:-1] + centres[1:]) / 2, [T]]) / fps
     expected = np.stack([bounds[:-1], bounds[1:]], axis=1)
     assert np.allclose(times, expected), f"largest difference {np.abs(times - expected).max()}:\n{times}"

@@ -180,12 +180,14 @@ def test_fusion_by_hand():
         dets, att = localize_arrays(rgb_w, rgb_s, mask, frames, flow=(flow_w, flow_s), theta=theta, **kwargs)
         return [(d.label, d.start, d.end, round(d.score, 12)) for d in dets["v"]], att["v"][0]
 
-    assert run(1.0)[0] == [("a", 1.0, 2.0, 0.9)]  # segment 1 = frames 2-3 = 1.0-2.0 s
-    assert run(0.0)[0] == [("b", 3.0, 4.0, 0.8)]
+    # segments show frames 0, 2, 4, 6 (2 fps, 8 frames): spans centred on them, boundaries at frames
+    # 1.5, 3.5, 5.5: segment 1 = 0.75-1.75 s, segment 3 = 2.75-4.0 s (the last runs to the end)
+    assert run(1.0)[0] == [("a", 0.75, 1.75, 0.9)]
+    assert run(0.0)[0] == [("b", 2.75, 4.0, 0.8)]
     # theta 0.5: s = (0.55, 0.45), only "a" passes; w_a = 0.5 * (0.9 a_rgb + 0.2 a_flow) = (.045, .37, .055, .08)
     # relative to its peak: (.1216, 1, .1486, .2162): one run, segment 1, score 0.55 * 1.
     dets, att = run(0.5)
-    assert dets == [("a", 1.0, 2.0, 0.55)]
+    assert dets == [("a", 0.75, 1.75, 0.55)]
     assert np.allclose(att, [0.05, 0.45, 0.1, 0.4])
     with pytest.raises(ValueError, match="fps"):
         localize_arrays(rgb_w, rgb_s, mask, frames, **(kwargs | {"fps": [0.0]}))
