@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "datp"
 # Lower stages first; a module may import its own stage or a lower one.
-STAGES = ("datp.io", "datp.flows", "datp.extract", "datp.synth", "datp.keymoments", "datp.pool", "datp.finetune",
+STAGES = ("datp.io", "datp.flows", "datp.extract", "datp.synth", "datp.pool", "datp.finetune",
           "datp.demo", "datp.cli", "datp.__main__")
 # Libraries that open datp's files, and the only modules allowed to import them.
 OWNERS = {

@@ -41,7 +41,7 @@ class HeadConfig:
         stream: "rgb", "flow", or "both" (joint-attn only; other heads train one run per stream,
             fused with `datp evaluate`).
         epochs, batch_size: training epochs; videos per step.
-        lr, weight_decay: Adam's (DATP's auxiliary net uses lr / 10).
+        lr, weight_decay: Adam's (DATP's auxiliary net steps at min(lr, 1e-3)).
         seed: seed of the initialisation, the validation split, the epoch order and dropout.
         val_fraction: share of the train videos held out to pick the epoch (0: keep the last).
         score_source: per-segment class scores of avg/max/datp: "cached" (the store's logits, frozen),

@@ -21,7 +21,7 @@ before the chosen state is fixed.
   std over the training videos' real segments (`ChannelNorm`); the statistics go into the checkpoint
   and every later reader (`load_run`, `run_data`) applies them, so evaluate/localize see what
   training saw.
-- Optimiser: Adam on `heads.param_groups(head, lr)` (DATP's auxiliary net gets a 10x smaller step),
+- Optimiser: Adam on `heads.param_groups(head, lr)` (DATP's auxiliary net steps at min(lr, 1e-3)),
   with `weight_decay`. Loss: cross-entropy, plus `alpha` (smoothness) and `beta` (sparsity) times
   `SelfAttnHead.regularizer` for self-attn. Heads without parameters (avg/max on cached scores) are
   only evaluated.

@@ -15,8 +15,8 @@ Choices the paper leaves open, made here:
   rho = softmax_k(r_rho), so rho_k >= 0 and sum_k rho_k = 1 (S does not change when all rho_k are
   scaled together, so fixing their sum removes a useless degree of freedom);
   mu = sigmoid(r_mu), in (0, 1) like the segment times;
-  sigma = min_sigma + softplus(r_sigma) > min_sigma (0.01 by default, a quarter of the spacing of
-  25 segments: narrower Gaussians change nothing but starve the gradients).
+  sigma = min_sigma + softplus(r_sigma) > min_sigma (by default half the segment spacing, 0.5 / N;
+  see "Defaults measured" below).
   Unconstrained mu and an exp(r_sigma) were tried first: under Adam the regressed values ran off
   to mu = -25, sigma = 1e-11 within ten steps on a synthetic problem, and the weights became NaN.
 - Initialisation: the regression layer (the second fc) starts with zero weights and a bias giving
@@ -34,6 +34,38 @@ Choices the paper leaves open, made here:
   cross-entropy on S weak, so it is offered for comparison only.
 - The softmax input of the auxiliary net is softmax(I_i), not detached: with a linear segment
   classifier, the auxiliary net's gradient also reaches it (end-to-end, as in the paper).
+
+Defaults measured (issue 13; key-moment stores of `datp.synth.keymoments`, 64x7x7 maps, 6 classes, 720
+train / 180 test videos, `train-head` defaults: Adam lr 1e-3, batch 32, 30 epochs; tuned on seeds 0-1,
+the sweep in docs/fidelity.md reports held-out seeds):
+- `min_sigma` = 0.5 / N (was 0.01, a quarter of the spacing of 25 segments). With a frozen, perfect
+  segment classifier and only the auxiliary net training, sigma fell to the 0.01 floor within the
+  first epochs on 10 segments (spacing 0.1): a Gaussian that narrow weights one segment, its
+  neighbours get exp(-50) of it, so d w / d mu is 0 and mu stays wherever it was (test top-1 0.13-0.18,
+  the share of videos whose key happens to sit there). A floor of half the spacing keeps the nearest
+  neighbours at exp(-2) and mu trainable. Pass `min_sigma=0.01` for the earlier setting.
+- The auxiliary net's Adam step: the classifier's lr, capped at `aux_max_lr` = 1e-3 (was lr / 10
+  always; the paper uses one learning rate). With `train-head`'s lr 1e-3 the auxiliary net now
+  steps at 1e-3 instead of 1e-4: on three constructions where the segment classifier can learn
+  (seeds 0-1) K=1/K=2 test top-1 went from 0.44-0.89 (lr/10, floor 0.01) and 0.63-0.86 (lr/10,
+  floor 0.05) to 0.93-1.00 (1e-3, floor 0.05); 3e-4 gave 0.81-0.98; 1e-3 with the 0.01 floor
+  collapsed on 2 of 12 runs (0.21, 0.50). At 1e-2 (full-batch, the key-moment problem of
+  tests/pool/conftest.py) the auxiliary net collapses: 0.27 (floor 0.5/N) and 0.52 (floor 0.01)
+  against 0.97-0.98 at 1e-3 to 3e-3, hence the cap. `aux_lr_scale=0.1, aux_max_lr=None` gives the
+  earlier setting, `aux_max_lr=None` the paper's single rate.
+- Not changed, measured: `init_variance` 0.05 instead of the paper's 0.2 (0.52-0.94, no better),
+  `pooled_scores="probs"`, a lower classifier step (`lr_scales` 0.03-0.1 on `scores.`): none moved
+  the failing construction below off chance.
+
+Where DATP cannot learn (measured, docs/fidelity.md): with near-uniform initial weights DATP starts as
+average pooling, and the linear segment classifier learns from pooled scores. A class c then gains
+about L (C - 1) from the videos it labels (L key segments showing it, weight 1 - p_c = (C-1)/C) and
+loses about (N - L) s from the videos where it is the confuser (N - L segments at strength s,
+weight p_c = 1/C). When L (C - 1) < (N - L) s the classifier learns the inverted scores (a segment
+showing c counts against c: key segments classified right fell from 8% to 0% in 10 epochs), and the
+auxiliary net, whose only signal is these scores, then learns to avoid the key (mean mu against key
+time: correlation -0.6). This is a stable point of the paper's model trained end to end from a
+random segment classifier; lower rates, sharper or broader Gaussians do not leave it.
 """
 
 from __future__ import annotations
@@ -222,22 +254,28 @@ class DATPHead(nn.Module):
             covers min(7, map_size) positions.
         dropout: dropout before the linear segment classifier.
         init_variance: sigma_k^2 at initialisation (the paper's 0.2).
-        min_sigma: lower bound of sigma_k.
+        min_sigma: lower bound of sigma_k; None: half the segment spacing, 0.5 / num_segments (capped
+            at half the initial sigma). See the module docstring ("Defaults measured").
+        aux_lr_scale: the auxiliary net's learning rate relative to the classifier's (`lr_scales`,
+            read by `heads.param_groups`).
+        aux_max_lr: the largest learning rate of the auxiliary net (`lr_caps`); None: no cap.
     """
 
     uses_scores = True
-    # Adam moves every weight by about lr per step whatever its gradient, and the auxiliary net's
-    # fan-in (Cf*7*7 into the 7x7 conv) turns that into large jumps of the regressed parameters: at
-    # the classifiers' lr = 1e-2 the Gaussians collapse to one edge within 20 steps and never recover
-    # on the key-moment problem. A 10x smaller step for the auxiliary net avoids this (see
-    # `heads.param_groups`).
-    lr_scales = {"aux.": 0.1}
 
     def __init__(self, *, num_classes: int, num_segments: int, in_channels: int = 512, input: str = "conv",
                  generator: str = "mog", num_gaussians: int = 2, pooled_scores: str = "logits",
                  score_source: str = "linear", hidden: int = 128, map_size: int = 7, dropout: float = 0.0,
-                 init_variance: float = 0.2, min_sigma: float = 0.01):
+                 init_variance: float = 0.2, min_sigma: float | None = None, aux_lr_scale: float = 1.0,
+                 aux_max_lr: float | None = 1e-3):
         super().__init__()
+        if min_sigma is None:
+            min_sigma = min(0.5 / max(num_segments, 1), 0.5 * math.sqrt(init_variance))
+        if not aux_lr_scale > 0:
+            raise ValueError(f"datp aux_lr_scale must be > 0, got {aux_lr_scale}")
+        # Per instance: heads.param_groups reads both (see "Defaults measured" above).
+        self.lr_scales = {"aux.": aux_lr_scale}
+        self.lr_caps = {} if aux_max_lr is None else {"aux.": aux_max_lr}
         for name, value, choices in (("input", input, DATP_INPUTS), ("generator", generator, GENERATORS),
                                      ("pooled_scores", pooled_scores, POOLED_SCORES)):
             if value not in choices:

@@ -25,19 +25,21 @@ HEADS: dict[str, type[nn.Module]] = {
 
 def param_groups(head: nn.Module, lr: float) -> list[dict]:
     """Optimizer parameter groups: `lr` for every parameter, times `head.lr_scales[prefix]` for the
-    parameters whose name starts with one of that head's prefixes.
+    parameters whose name starts with one of that head's prefixes, and at most `head.lr_caps[prefix]`.
 
-    DATP's auxiliary net needs a smaller Adam step than the classifiers (see `DATPHead.lr_scales`);
+    DATP's auxiliary net steps at min(lr, 1e-3) by default (`DATPHead(aux_lr_scale=..., aux_max_lr=...)`);
     build the optimizer as `torch.optim.Adam(param_groups(head, lr))`.
 
     Returns:
         A list of {"params": [...], "lr": float} dicts, empty groups left out.
     """
     scales = dict(getattr(head, "lr_scales", {}))
+    caps = dict(getattr(head, "lr_caps", {}))
     groups: dict[float, list[nn.Parameter]] = {}
     for name, param in head.named_parameters():
         scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault(lr * scale, []).append(param)
+        cap = next((c for prefix, c in caps.items() if name.startswith(prefix)), float("inf"))
+        groups.setdefault(min(lr * scale, cap), []).append(param)
     return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]
 
 
