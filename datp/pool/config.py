@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datp.pool.heads import HEADS
 from datp.pool.heads.attention import ATTENTIONS
-from datp.pool.heads.datp import DATP_INPUTS, GENERATORS, POOLED_SCORES
+from datp.pool.heads.datp import DATP_INPUTS, GENERATORS, POOLED_SCORES, default_min_sigma
 
 STREAM_CHOICES = ("rgb", "flow", "both")
 
@@ -157,7 +157,8 @@ def head_options(cfg: HeadConfig, *, score_source: str, num_classes: int, num_se
         opts["score_source"] = score_source
     if cfg.head == "datp":
         opts |= {"input": cfg.datp_input, "generator": cfg.generator, "num_gaussians": cfg.gaussians,
-                 "pooled_scores": cfg.pooled_scores}
+                 "pooled_scores": cfg.pooled_scores,
+                 "min_sigma": default_min_sigma(num_segments)}  # recorded, so a checkpoint rebuilds exactly
         if map_size is not None:
             opts["map_size"] = map_size
     elif cfg.head == "lstm-attn":

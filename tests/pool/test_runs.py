@@ -180,3 +180,16 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(stores,
     assert all(torch.equal(state[k], want_state[k]) for k in want_state)
     # a killed run may leave its hidden staging folder; the next run clears its own, never the run
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_a_datp_checkpoint_rebuilds_its_own_sigma_floor(stores, tmp_path):
+    """New runs record min_sigma (0.5 / N); checkpoints written before it was recorded used 0.01."""
+    out = tmp_path / "datp"
+    train_head(HeadConfig(features=str(stores["full"]), out=str(out), head="datp", score_source="linear", epochs=1),
+               progress=False)
+    run = load_run(out)
+    assert run.options["min_sigma"] == 0.5 / 4 and run.head.min_sigma == 0.5 / 4
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["head_options"]["min_sigma"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert load_run(out).head.min_sigma == 0.01

@@ -234,6 +234,12 @@ class AuxNet(nn.Module):
         return self.regress(F.relu(self.fc(h.flatten(1))))
 
 
+def default_min_sigma(num_segments: int, init_variance: float = 0.2) -> float:
+    """DATP's default lower bound of sigma: half the segment spacing, 0.5 / N (at most half the initial
+    standard deviation); see the module docstring for the measurement behind it."""
+    return min(0.5 / max(num_segments, 1), 0.5 * math.sqrt(init_variance))
+
+
 class DATPHead(nn.Module):
     """Deep Adaptive Temporal Pooling head (see the module docstring for the equations and choices).
 
@@ -270,7 +276,7 @@ class DATPHead(nn.Module):
                  aux_max_lr: float | None = 1e-3):
         super().__init__()
         if min_sigma is None:
-            min_sigma = min(0.5 / max(num_segments, 1), 0.5 * math.sqrt(init_variance))
+            min_sigma = default_min_sigma(num_segments, init_variance)
         if not aux_lr_scale > 0:
             raise ValueError(f"datp aux_lr_scale must be > 0, got {aux_lr_scale}")
         # Per instance: heads.param_groups reads both (see "Defaults measured" above).
