@@ -202,8 +202,11 @@ def _study(store_path: str, out: str, epochs: int, batch_size: int, together: bo
     from datp.pool.config import HeadConfig
     from datp.pool.train import train_head, train_heads
 
-    cfgs = [HeadConfig(features=store_path, out=f"{out}/{i}", head=h, score_source="linear", epochs=epochs,
-                       batch_size=batch_size, device="cpu", **o) for i, (h, o) in enumerate(STUDY)]
+    from datp.pool.heads import HEADS
+
+    cfgs = [HeadConfig(features=store_path, out=f"{out}/{i}", head=h, epochs=epochs, batch_size=batch_size,
+                       device="cpu", **({"score_source": "linear"} if HEADS[h].uses_scores else {}), **o)
+            for i, (h, o) in enumerate(STUDY)]
     started = time.perf_counter()
     if together:
         train_heads(cfgs, progress=False)
@@ -215,7 +218,11 @@ def _study(store_path: str, out: str, epochs: int, batch_size: int, together: bo
 
 def _with_threads(threads: int, target, *args) -> None:
     torch.set_num_threads(threads)
-    target(*args)
+    try:
+        target(*args)
+    except BaseException as err:  # the parent waits on the queue: hand it the error instead of hanging
+        args[-1].put({"error": f"{type(err).__name__}: {err}"})
+        raise
 
 
 def _child(threads: int, target, *args):
@@ -225,6 +232,8 @@ def _child(threads: int, target, *args):
     proc.start()
     result = queue.get()
     proc.join()
+    if "error" in result:
+        raise SystemExit(f"{target.__name__} failed: {result['error']}")
     return result
 
 

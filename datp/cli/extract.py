@@ -91,3 +91,20 @@ def merge_cmd(inputs, out, copy):
 
     count = merge_stores(list(inputs), out, copy=copy)
     click.echo(f"merged {count} videos from {len(inputs)} stores into {out}")
+
+
+@click.command("export-features")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the arrays and videos.csv.")
+@click.option("--format", "fmt", type=click.Choice(["npy"]), default="npy", show_default=True)
+@click.option("--streams", default=None, help="rgb, flow or rgb,flow (default: every stream of the store).")
+@click.option("--split", default=None, help="Only this split (default: every done video).")
+@user_errors
+def export_features_cmd(store, out, fmt, streams, split):
+    """Write a feature store as one .npy array per video and stream, plus videos.csv (id, label, split,
+    fps, segment frames) and settings.json, for tools that read per-video arrays."""
+    from datp.extract.export import export_features
+
+    chosen = tuple(s.strip() for s in streams.split(",") if s.strip()) if streams else None
+    count = export_features(store, out, fmt=fmt, streams=chosen, split=split)
+    click.echo(f"exported {count} videos to {out}")

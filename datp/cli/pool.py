@@ -133,3 +133,24 @@ def evaluate_cmd(runs, weights, on, schemes, avg_run, features, seed, out, plot_
         events=str(events) if events else None, compare=str(compare) if compare else None,
         device=device)
     click.echo(format_report(evaluate(cfg)))
+
+
+@click.command("predict")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("features", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True, help="The store's split to score.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for predictions.h5, weights.csv, metrics.json (what train-head writes for its test split).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def predict_cmd(run_dir, features, split, out, batch_size, device):
+    """Score any store or split with a trained train-head run (e.g. another dataset's test split).
+
+    The output reads like a run's: datp evaluate fuses it with other runs or predictions.
+    """
+    from datp.pool.predict import predict_to_folder
+
+    result = predict_to_folder(run_dir, out, features=features, split=split, batch_size=batch_size, device=device)
+    top1 = "no labelled videos" if result["top1"] is None else f"top-1 {result['top1']:.4f}"
+    click.echo(f"predicted {result['videos']} labelled videos of split {split!r}: {top1}; wrote {out}")

@@ -135,3 +135,42 @@ def predict_run(run_dir: str | Path, *, features: str | Path | None = None, spli
         p["ids"] = [store.ids[i] for i in p["rows"]]
     p["class_names"] = run.class_names
     return p
+
+
+def predict_to_folder(run_dir: str | Path, out: str | Path, *, features: str | Path | None = None,
+                      split: str = "test", batch_size: int = 64, device: str = "cpu",
+                      max_ram_gb: float = 0.0) -> dict:
+    """`datp predict`: score split `split` of a store with a trained run and write OUT as train-head
+    writes its test predictions (predictions.h5, weights.csv, metrics.json, config.json), so that
+    `datp evaluate` fuses and `datp localize`'s readers read it like a train-head run's.
+
+    Returns:
+        The metrics written to OUT/metrics.json.
+
+    Raises:
+        ValueError: a store or split the run cannot score, or an OUT that holds another kind of output.
+    """
+    import datp
+    from datp.pool.metrics import metrics
+    from datp.pool.runs import run_folder, write_json, write_predictions
+
+    with run_folder(out, kind="predict") as folder:  # checked before any work
+        run = load_run(run_dir, device=device)
+        features = features or run.config["store"]["path"]
+        with FeatureStore(features) as store:
+            rows = store.indices(split)
+            if not len(rows):
+                raise ValueError(f"{store.path.name} has no done videos of split {split!r}; its splits are "
+                                 f"{sorted(set(store.splits.tolist()))}")
+            data = run_data(run, store, rows, max_ram_gb=max_ram_gb)
+            p = predict(run.head, data, rows, batch_size=batch_size, device=run.device, segment_scores=True)
+            data.close()
+            write_predictions(folder, p, ids=[store.ids[i] for i in p["rows"]], class_names=run.class_names,
+                              num_frames=store.num_frames[p["rows"]], fps=store.fps[p["rows"]],
+                              attrs={"head": run.name, "stream": run.stream, "split": split})
+            result = metrics(p["logits"], p["labels"], run.class_names)
+            write_json(folder / "config.json", {"run": str(Path(run_dir).resolve()), "features": str(store.path.resolve()),
+                                                "split": split, "head": run.name, "stream": run.stream,
+                                                "versions": {"datp": datp.__version__, "torch": str(torch.__version__)}})
+        write_json(folder / "metrics.json", result)
+    return result

@@ -193,3 +193,24 @@ def test_a_datp_checkpoint_rebuilds_its_own_sigma_floor(stores, tmp_path):
     del ckpt["head_options"]["min_sigma"]
     torch.save(ckpt, out / "checkpoint.pt")
     assert load_run(out).head.min_sigma == 0.01
+
+
+def test_predict_scores_any_split_as_train_head_scores_its_test_split(stores, tmp_path):
+    from datp.pool.runs import read_predictions
+
+    run = tmp_path / "run"
+    train_head(cfg(stores["full"], run), progress=False)
+    code, output = run_cli("predict", run, stores["full"], "--split", "test", "--out", tmp_path / "pred")
+    assert code == 0 and "top-1" in output, output
+    mine, theirs = read_predictions(run), read_predictions(tmp_path / "pred")
+    assert mine["ids"] == theirs["ids"]
+    for key in ("logits", "weights", "mask", "labels", "t", "frame"):
+        assert np.array_equal(mine[key], theirs[key]), key
+    metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert metrics["top1"] == json.loads((run / "metrics.json").read_text())["top1"]
+    assert run_kind(tmp_path / "pred") == "predict"
+    code, output = run_cli("predict", run, stores["train_only"], "--split", "train", "--out", tmp_path / "train")
+    assert code == 0 and len(read_predictions(tmp_path / "train")["ids"]) == 24, output
+    assert run_cli("evaluate", tmp_path / "pred", tmp_path / "train", "--weights", "1,1")[0] == 2  # other videos
+    code, output = run_cli("predict", run, stores["full"], "--out", run)
+    assert code == 2 and "holds a datp train-head run" in output, output
