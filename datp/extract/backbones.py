@@ -16,11 +16,14 @@ Streams:
 Random initialisation is seeded (`seed`, default 0), so `--weights random` gives the same backbone
 in every process, shard and resumed run.
 
-Weight files (`load_weights`, always `torch.load(path, map_location="cpu", weights_only=True)`):
-- a torchvision state_dict (e.g. ImageNet `resnet34-b627a593.pth`), optionally wrapped as
-  `{"model": state_dict}` or `{"state_dict": state_dict}`. For the flow stream an RGB conv1
-  (3 input channels) is converted by cross-modality initialisation. A 1000-class ImageNet `fc` is
-  loaded only when the backbone has 1000 classes; otherwise the backbone keeps its seeded new `fc`.
+Weight files (`load_weights`, read by `datp.extract.checkpoints.read_weights` with
+`torch.load(..., weights_only=True)`):
+- a torchvision, mmaction2 (TSN recognizer) or tsn-pytorch state_dict, optionally wrapped as
+  `{"model": state_dict}` or `{"state_dict": state_dict}`, its keys mapped onto torchvision's
+  (`datp.extract.checkpoints.to_torchvision`, docs/weights.md). For the flow stream an RGB conv1
+  (3 input channels) is converted by cross-modality initialisation. `load_backbone` builds the
+  classifier as the file has it; a classifier over another class count than the backbone's keeps the
+  backbone's seeded new `fc` (fine-tuning on another dataset).
 - a datp checkpoint, written by `save_checkpoint` (the finetune stage), a dict:
     `datp_checkpoint`: 1 (format version),
     `backbone`: torchvision name, e.g. "resnet34",
@@ -42,6 +45,7 @@ import torch
 import torchvision
 from torch import nn
 
+from datp.extract.checkpoints import read_weights, to_torchvision
 from datp.extract.transforms import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 
 BACKBONES = {
@@ -200,22 +204,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def read_weights_file(path: str | os.PathLike) -> dict:
-    """Load a weight file safely (`weights_only=True`, on the CPU).
+    """Load a weight file safely (`weights_only=True`, on the CPU; `datp.extract.checkpoints.read_weights`).
 
     Returns:
         The loaded dict: a datp checkpoint or a (possibly wrapped) state_dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; pass a state_dict file or 'random'")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a loadable weights file (weights_only=True): {first}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict or datp checkpoint")
-    return obj
+    return read_weights(path)
 
 
 def load_weights(backbone: Backbone, weights: str | os.PathLike) -> dict:
@@ -249,11 +243,9 @@ def _load(backbone: Backbone, obj: dict | None, path: Path | None) -> dict:
         info.update(format="datp", class_names=list(obj["class_names"]))
         info.update(head=obj["head"], config=obj["config"])
     else:
-        state = obj.get("model", obj.get("state_dict", obj))
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path} is neither a state_dict of tensors nor a datp checkpoint")
-        state = _adapt_torchvision_state(backbone, dict(state))
-        info["format"] = "torchvision"
+        state = _tensors(obj, path)
+        state, info["format"] = to_torchvision(state)
+        state = _adapt_torchvision_state(backbone, state)
     _check_state(backbone, state, path)
     backbone.load_state_dict(state)
     info["fc"] = "initial" if state["fc.weight"] is backbone.fc.weight else "loaded"
@@ -282,10 +274,30 @@ def _adapt_torchvision_state(backbone: Backbone, state: dict) -> dict:
     if backbone.stream == "flow" and conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3:
         state["conv1.weight"] = _cross_modality_weight(conv1, backbone.in_channels)
     fc = state.get("fc.weight")
-    if fc is not None and fc.shape[0] == 1000 and backbone.num_classes != 1000:
-        # An ImageNet classifier cannot serve other classes: keep the backbone's seeded new fc.
+    if fc is not None and fc.shape[0] != backbone.num_classes:
+        # A classifier over other classes (ImageNet's 1000, Kinetics' 400) cannot serve these: keep the
+        # backbone's seeded new fc (fine-tuning from a model trained on another dataset).
         state["fc.weight"], state["fc.bias"] = backbone.fc.weight, backbone.fc.bias
     return state
+
+
+def _tensors(obj: dict, path: Path) -> dict:
+    """The state_dict of a loaded file: itself, or under "model" / "state_dict" (tsn-pytorch, mmengine)."""
+    state = obj.get("model", obj.get("state_dict", obj))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is neither a state_dict of tensors nor a datp checkpoint")
+    return state
+
+
+def file_classes(obj: dict | None) -> int | None:
+    """The class count of a loaded weight file's classifier (None: random weights or no classifier)."""
+    if obj is None:
+        return None
+    if "datp_checkpoint" in obj:
+        return len(obj["class_names"]) or None
+    state, _ = to_torchvision(_tensors(obj, Path("?")))
+    fc = state.get("fc.weight")
+    return int(fc.shape[0]) if fc is not None and fc.ndim == 2 else None
 
 
 def _check_state(backbone: Backbone, state: dict, path: Path) -> None:
@@ -317,14 +329,15 @@ def load_backbone(
     new_length: int | None = None,
     seed: int = 0,
 ) -> tuple[Backbone, dict]:
-    """Build a backbone and load `weights`, taking the class count from a datp checkpoint.
+    """Build a backbone and load `weights`, its classifier sized as the file's (any class count; a datp
+    checkpoint's class names, or the fc of a torchvision, mmaction2 or tsn-pytorch file).
 
     Returns:
         (backbone in eval mode, info from `load_weights`).
     """
     obj = None if str(weights) == "random" else read_weights_file(weights)
-    if num_classes is None and obj is not None and "datp_checkpoint" in obj and obj.get("class_names"):
-        num_classes = len(obj["class_names"])
+    if num_classes is None:  # the classifier is built as the file has it (any class count)
+        num_classes = file_classes(obj)
     backbone = build_backbone(name, stream=stream, num_classes=num_classes, new_length=new_length, seed=seed)
     info = _load(backbone, obj, None if obj is None else Path(weights))
     return backbone.eval(), info
