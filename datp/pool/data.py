@@ -28,8 +28,9 @@ from datp.pool.heads import SegmentBatch
 
 LOAD_BLOCK = 64  # videos per read when filling RAM (bounds the float32 temporary of FeatureStore.load)
 # Streamed data above this size is read by a worker process; below it a thread is enough and starting a
-# process (seconds: it imports torch) would cost more than it saves.
-PROCESS_READER_BYTES = 1 << 30
+# process (seconds: it imports torch) would cost more than it saves. Measured on the 2-core box
+# (bench/heads.py, 2,000 videos of 512x7x7): the thread reader took 4.0x the bare epoch.
+PROCESS_READER_BYTES = 256 << 20
 
 
 def dataset_classes(store: FeatureStore) -> list[str]:

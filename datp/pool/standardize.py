@@ -39,9 +39,16 @@ class ChannelNorm:
         """
         if conv is None:
             return None
+        return self.half(conv).float()
+
+    def half(self, conv: torch.Tensor) -> torch.Tensor:
+        """`self(conv)` as float16: `conv * (1 / std) - mean / std` in float32 (one fused multiply-add
+        pass: a sub and a div took twice as long on the streamed path), clamped to float16's range."""
         shape = (-1,) + (1,) * (conv.dim() - 3)  # broadcast over the spatial dims, if any
-        x = (conv.float() - self.mean.view(shape)) / self.std.view(shape)
-        return x.clamp_(-FLOAT16_MAX, FLOAT16_MAX).half().float()
+        scale = (1.0 / self.std).view(shape)
+        bias = (-self.mean / self.std).view(shape)
+        x = torch.addcmul(bias, conv.float(), scale)
+        return x.clamp_(-FLOAT16_MAX, FLOAT16_MAX).half()
 
     def state(self) -> dict:
         return {"mean": self.mean.clone(), "std": self.std.clone()}

@@ -8,7 +8,8 @@ own h5py handle: it reads, converts and standardises batch k+1..k+`PREFETCH` whi
 process steps on batch k, and hands them over in shared memory. The worker persists for the life of
 the `StoreReader` (starting a Python process with torch costs seconds), exits when its parent dies
 (DataLoader's watchdog), and returns exactly what `FeatureStore.load` + `ChannelNorm` give in the
-training process (tested).
+training process (tested). Like any spawned worker it re-imports the main module of a script: call
+`train_head` from a script under `if __name__ == "__main__":` (the `datp` command needs nothing).
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ class _StoreRows(Dataset):
 
         if self._store is None:
             self._store = FeatureStore(self.path)
-        batch = self._store.load(np.asarray(rows, np.int64), streams=self.streams, conv=self.conv, pad_to=self.pad_to)
+        # float16 from the file straight into the batch, standardised in float16 (`ChannelNorm.half`):
+        # half the bytes to hand over, no conversion pass here; the training process converts to float32
+        # as it does for its in-RAM copy, so the numbers are the same.
+        batch = self._store.load(np.asarray(rows, np.int64), streams=self.streams, conv=self.conv, pad_to=self.pad_to,
+                                 conv_dtype=torch.float16)
         if self.norm is not None and self.conv:
-            batch.conv = {s: self.norm[s](v) for s, v in batch.conv.items()}
+            batch.conv = {s: self.norm[s].half(v) for s, v in batch.conv.items()}
         return batch
 
     def __getstate__(self):  # the h5py handle stays in the process that opened it
@@ -78,7 +83,9 @@ class StoreReader:
     def batches(self, chunks: Sequence[np.ndarray]) -> Iterator:
         """The batches of `chunks`, in order."""
         self._chunks.chunks = list(chunks)
-        yield from self._loader
+        for batch in self._loader:
+            batch.conv = {s: None if v is None else v.float() for s, v in batch.conv.items()}
+            yield batch
 
     def close(self) -> None:
         """Stop the worker (also done when the reader is garbage collected)."""

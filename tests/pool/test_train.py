@@ -293,7 +293,8 @@ def test_standardisation_statistics_by_hand_saved_and_applied(stores, problem, t
     z = norm(torch.from_numpy(x).float()).double().numpy()
     expected = (x - mean[:, None, None]) / std[:, None, None]
     # held at float16, the store's precision: within float16's rounding (2^-11 relative, 2^-25 near 0)
-    assert np.all(np.abs(z - expected) <= 2.0**-11 * np.abs(expected) + 2.0**-24), np.abs(z - expected).max()
+    # of the float32 multiply-add (a few float32 ulps)
+    assert np.all(np.abs(z - expected) <= (2.0**-11 + 1e-6) * np.abs(expected) + 2.0**-24), np.abs(z - expected).max()
     assert np.array_equal(z, z.astype(np.float16).astype(np.float64))
     assert json.loads((tmp_path / "on" / "config.json").read_text())["resolved"]["standardized"]
     assert json.loads((tmp_path / "off" / "config.json").read_text())["resolved"]["standardized"] is None

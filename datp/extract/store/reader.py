@@ -123,14 +123,16 @@ class FeatureStore:
         return int(i)
 
     def load(self, indices: Iterable[int], *, streams: Sequence[str] = ("rgb",),
-             conv: bool = True, pad_to: int | None = None) -> Batch:
-        """Load videos as a padded batch of float32 tensors.
+             conv: bool = True, pad_to: int | None = None, conv_dtype: torch.dtype = torch.float32) -> Batch:
+        """Load videos as a padded batch of float32 tensors (conv maps in `conv_dtype`).
 
         Args:
             indices: store rows (e.g. from `indices("train")`).
             streams: streams to load; each must exist.
             conv: load the conv maps too (the largest part); logits are always loaded.
             pad_to: pad to this many segments (default: the longest video of the batch).
+            conv_dtype: float32, or float16 (the stored precision: read straight into the batch,
+                without a conversion pass; what stage two's streaming reader asks for).
         """
         idx = np.asarray(list(indices), np.int64)
         for stream in streams:
@@ -145,7 +147,7 @@ class FeatureStore:
         for stream in streams:
             cshape = self._file[f"{stream}/conv"].shape[-3:]
             C = self._file[f"{stream}/logits"].shape[-1]
-            convs[stream] = torch.zeros((B, n) + tuple(cshape)) if conv else None
+            convs[stream] = torch.zeros((B, n) + tuple(cshape), dtype=conv_dtype) if conv else None
             logits[stream] = torch.zeros(B, n, C)
         if self.layout == "fixed" and B:
             order = np.argsort(idx)  # h5py fancy indexing needs increasing indices
@@ -160,10 +162,14 @@ class FeatureStore:
                     # one chunk (= one video) per read: h5py's fancy indexing over the first axis
                     # is 6-8x slower than reading the rows one by one (bench/heads.py)
                     dataset = self._file[f"{stream}/conv"]
-                    row = np.empty(dataset.shape[1:], dataset.dtype)
+                    direct = conv_dtype == torch.float16 and dataset.dtype == np.float16 and n == self.num_segments
+                    row = None if direct else np.empty(dataset.shape[1:], dataset.dtype)
                     for b, i in enumerate(idx):
-                        dataset.read_direct(row, np.s_[int(i)])
-                        convs[stream][b, :self.num_segments] = torch.from_numpy(row)
+                        if direct:  # straight into the batch's memory
+                            dataset.read_direct(convs[stream][b].numpy(), np.s_[int(i)])
+                        else:
+                            dataset.read_direct(row, np.s_[int(i)])
+                            convs[stream][b, :self.num_segments] = torch.from_numpy(row)
                 logits[stream][:, :self.num_segments] = torch.from_numpy(
                     self._file[f"{stream}/logits"][sorted_idx][inv])
         else:
@@ -174,8 +180,7 @@ class FeatureStore:
                 frame[b, :m] = torch.from_numpy(self._file["segments/frame"][rows])
                 for stream in streams:
                     if conv:
-                        convs[stream][b, :m] = torch.from_numpy(
-                            self._file[f"{stream}/conv"][rows].astype(np.float32))
+                        convs[stream][b, :m] = torch.from_numpy(self._file[f"{stream}/conv"][rows]).to(conv_dtype)
                     logits[stream][b, :m] = torch.from_numpy(self._file[f"{stream}/logits"][rows])
         return Batch(convs, logits, t, frame, mask, torch.from_numpy(self.labels[idx]),
                      torch.from_numpy(idx))
