@@ -7,8 +7,8 @@ checks each one against a hand computation or against OpenCV itself.
 
 - `pyramid_sizes`: level sizes as `cv::resize(src, dst, Size(), s, s)` rounds them
   (`cvRound(w * s)`, half to even), stopping as TV-L1 does once a side is below 16 px.
-- `resize_linear`: `cv::resize(..., INTER_LINEAR)`: sample at `(d + 0.5) * scale - 0.5`, where
-  `scale` is 1 / the given factor (down the pyramid) or the size ratio (up it); edges replicate.
+- `resize_linear`: `cv::resize(..., INTER_LINEAR)`: sample at `(d + 0.5) * scale - 0.5` (in double),
+  where `scale` is 1 / the given factor (down the pyramid) or the size ratio (up it); edges replicate.
 - `centered_gradient`: `0.5 * (f[x+1] - f[x-1])` inside, `0.5 * (f[1] - f[0])` and
   `0.5 * (f[-1] - f[-2])` on the first and last row/column (half a one-sided difference).
 - `forward_gradient`, `divergence`: the discrete gradient and its negative adjoint of the dual step.
@@ -53,9 +53,9 @@ def pyramid_sizes(height: int, width: int, scale_step: float, scales: int) -> li
 def _linear_taps(n_in: int, n_out: int, scale: float, reset_edge: bool, device):
     """Source indices (i0, i1) and weights (w0, w1) of `cv::resize` INTER_LINEAR along one axis."""
     d = torch.arange(n_out, dtype=torch.float64)
-    pos = ((d + 0.5) * scale - 0.5).to(torch.float32)  # (float)((dx + 0.5) * scale - 0.5)
+    pos = (d + 0.5) * scale - 0.5  # in double: OpenCV 5.0 (measured; 4.x rounds it to float first)
     i0 = torch.floor(pos)
-    frac = pos - i0
+    frac = (pos - i0).to(torch.float32)
     i0 = i0.to(torch.int64)
     if reset_edge:  # the horizontal pass: OpenCV sets fx = 0 at both ends
         frac = torch.where((i0 < 0) | (i0 >= n_in - 1), torch.zeros_like(frac), frac)
