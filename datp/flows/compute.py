@@ -86,7 +86,8 @@ BACKENDS = ("opencv", "torch")  # "torch": TV-L1 only (datp.flows.tvl1_torch)
 
 
 def set_single_thread() -> None:
-    """Makes OpenCV use one thread in this process (call it in each worker of a process pool)."""
+    """Makes OpenCV use one thread in this process (call it in each worker of a process pool);
+    the torch backend then uses one torch thread too."""
     cv2.setNumThreads(1)
 
 
@@ -155,13 +156,9 @@ class FlowComputer:
         self.backend = backend
         self._params = dict(FLOW_PRESETS[algorithm][preset])
         if backend == "torch":
-            import torch
-
             from datp.io.device import resolve_device
 
             self.device = resolve_device(device)
-            if self.device.type == "cpu":  # as many threads as OpenCV has (1 in extract workers)
-                torch.set_num_threads(max(1, cv2.getNumThreads()))
             self._flow = None
             return
         self.device = "cpu"
@@ -210,6 +207,10 @@ class FlowComputer:
         pairs = [_checked(prev, nxt) for prev, nxt in pairs]
         if len({prev.shape for prev, _ in pairs} | {nxt.shape for _, nxt in pairs}) > 1:
             return [self.pairs([pair])[0] for pair in pairs]
+        if self.device.type == "cpu" and cv2.getNumThreads() == 1:
+            import torch  # a worker of a process pool (set_single_thread): one torch thread too
+
+            torch.set_num_threads(1)
         prevs = np.stack([prev for prev, _ in pairs])  # (B, H, W)
         nexts = np.stack([nxt for _, nxt in pairs])
         flow = tvl1_flow(prevs, nexts, self._params, device=self.device)  # (B, H, W, 2)
