@@ -113,30 +113,41 @@ def _one_scale(I0, I1, u1, u2, params: dict, remap_tab_size):
         I1w, I1wx, I1wy = warped.unbind(1)
         grad = I1wx * I1wx + I1wy * I1wy
         rho_c = I1w - I1wx * u1 - I1wy * u2 - I0
-        active = torch.ones(B, dtype=torch.bool, device=I0.device)  # error > epsilon so far
+        fixed = (I1wx, I1wy, grad, rho_c)
+        state = [u1, u2, p11, p12, p21, p22]
+        # The pairs still iterating (error > epsilon so far) are worked on as a smaller batch:
+        # `work` holds their state; when one stops, its state goes back and the batch shrinks.
+        idx = torch.arange(B, device=I0.device)
+        work, work_fixed = list(state), fixed
         for _ in range(int(params["outerIterations"])):
             if median > 1:
-                u1 = _keep(active, median_blur(u1, median), u1)
-                u2 = _keep(active, median_blur(u2, median), u2)
+                work[0], work[1] = median_blur(work[0], median), median_blur(work[1], median)
             for _ in range(int(params["innerIterations"])):
-                new = _iteration(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22,
-                                 l_t=l_t, theta=theta, taut=taut)
-                error = new[-1]
-                u1, u2, p11, p12, p21, p22 = (_keep(active, n, o) for n, o in
-                                              zip(new[:-1], (u1, u2, p11, p12, p21, p22)))
-                active = active & (error > eps)
-                if not bool(active.any()):
+                *work, error = _iteration(*work_fixed, *work, l_t=l_t, theta=theta, taut=taut)
+                going = error > eps  # (b,) of the working pairs
+                if not bool(going.all()):
+                    _put(state, idx, work)
+                    idx, keep = idx[going], going.nonzero()[:, 0]
+                    work = [t[keep] for t in work]
+                    work_fixed = tuple(t[idx] for t in fixed)
+                if len(idx) == 0:
                     break
-            if not bool(active.any()):
+            if len(idx) == 0:
                 break
+        _put(state, idx, work)
+        u1, u2, p11, p12, p21, p22 = state
     return u1, u2
 
 
-def _keep(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """`new` for the pairs still iterating, `old` for those that stopped (all active: `new`)."""
-    if bool(active.all()):
-        return new
-    return torch.where(active[:, None, None], new, old)
+def _put(state: list, idx: torch.Tensor, work: list) -> None:
+    """Writes the working pairs' tensors back into the whole batch's (`state[k][idx] = work[k]`)."""
+    for k, t in enumerate(work):
+        if len(idx) == 0 or t is state[k]:
+            continue
+        if len(idx) == state[k].shape[0]:
+            state[k] = t
+        else:
+            state[k] = state[k].index_copy(0, idx, t)
 
 
 def _iteration(I1wx, I1wy, grad, rho_c, u1, u2, p11, p12, p21, p22, *, l_t, theta, taut):
