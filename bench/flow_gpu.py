@@ -8,7 +8,8 @@ Frame pairs are consecutive frames of the real clips in ../shared/data/clips, re
 
 - OpenCV: one process per core, one OpenCV thread each (as `extract-flow --workers <cores>`),
   over the same pairs;
-- torch on the CPU: one process, `torch.set_num_threads(<cores>)`, batches of 1, 8, 32 pairs;
+- torch on the CPU: one process, `torch.set_num_threads(<cores>)` (or each of --torch-threads),
+  batches of 1, 8, 32 pairs;
 - torch on the GPU (when CUDA is available, else 'no GPU'): batches of 1, 8, 32, 128, after one
   warm-up batch, timed with `torch.cuda.synchronize()`; a batch that does not fit says so.
 
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--gpu-batches", default="1,8,32,128")
     parser.add_argument("--pairs", type=int, default=0, help="pairs per measurement (default: the largest batch)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--torch-threads", default="", help="torch CPU threads to try (default: cores)")
     args = parser.parse_args()
     import torch
 
@@ -132,11 +134,12 @@ def main() -> None:
             print(row(f"OpenCV, {args.cores} processes x 1 thread", len(work), ref_wall, float("nan"),
                       ref_wall, one_cpu))
             print(row("OpenCV, 1 process x 1 thread", len(work), one_wall, one_cpu, ref_wall, one_cpu))
-            torch.set_num_threads(args.cores)
-            for batch in cpu_batches:
-                wall, cpu = torch_run(preset, work, batch, "cpu")
-                print(row(f"torch CPU, {args.cores} threads, batch {batch}", len(work), wall, cpu,
-                          ref_wall, one_cpu), flush=True)
+            for threads in [int(t) for t in parse_numbers(args.torch_threads or str(args.cores))]:
+                torch.set_num_threads(threads)
+                for batch in cpu_batches:
+                    wall, cpu = torch_run(preset, work, batch, "cpu")
+                    print(row(f"torch CPU, {threads} thread(s), batch {batch}", len(work), wall, cpu,
+                              ref_wall, one_cpu), flush=True)
             if not gpu:
                 print("| torch GPU | - | no GPU | - | - | - |")
                 continue

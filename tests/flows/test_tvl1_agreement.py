@@ -43,16 +43,15 @@ def runs():
         clip_items = list(clip_pairs(clips, pairs=2, short_side=128))
         out = {}
         for preset in PRESETS:
-            computer = FlowComputer(preset=preset)
             params = FLOW_PRESETS["tvl1"][preset]
             for name, prev, nxt, gt in items:
-                out[preset, name] = _run(computer, prev, nxt, gt)
+                out[preset, name] = _run(preset, prev, nxt, gt)
                 out[preset, name]["torch"] = tvl1_flow(prev, nxt, params)[0].numpy()
             for start in range(0, len(clip_items), 2):  # each clip's two pairs as one batch
                 group = clip_items[start:start + 2]
                 flows = tvl1_flow(np.stack([p for _, p, _ in group]), np.stack([q for _, _, q in group]), params)
                 for (name, prev, nxt), flow in zip(group, flows):
-                    out[preset, name] = _run(computer, prev, nxt, None)
+                    out[preset, name] = _run(preset, prev, nxt, None)
                     out[preset, name]["torch"] = flow.numpy()
         return out
     finally:
@@ -60,10 +59,12 @@ def runs():
         torch.set_num_threads(threads_torch)
 
 
-def _run(computer, prev, nxt, gt):
+def _run(preset, prev, nxt, gt):
+    # A fresh OpenCV object per pair: after a frame whose pyramid stops under 16 px, OpenCV's
+    # object keeps the smaller scalesNumber for every later call (it overwrites the member).
     ulp = np.nextafter(prev.astype(np.float32) / 255, np.float32(2))  # OpenCV scales float by 255
-    return {"gt": gt, "opencv": computer(prev, nxt),
-            "opencv_ulp": computer._flow.calc(ulp, nxt.astype(np.float32) / 255, None)}
+    return {"gt": gt, "opencv": FlowComputer(preset=preset)(prev, nxt),
+            "opencv_ulp": FlowComputer(preset=preset)._flow.calc(ulp, nxt.astype(np.float32) / 255, None)}
 
 
 def test_covers_every_pair(runs):
