@@ -22,12 +22,15 @@ D = defaults(FlowConfig)
 @click.option("--algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default=D["algorithm"],
               show_default=True)
 @click.option("--preset", default=D["preset"], help="Parameter preset of the algorithm (tvl1: tuned "
-              "[default: 4x lower end-point error than opencv on Middlebury, 2.4x faster], fast, "
-              "opencv [OpenCV's defaults, as TSN/mmaction2 features]; dis: ultrafast, fast, "
-              "medium [default]); see docs/flow-presets.md.")
+              "[default: 2.1x less CPU time than opencv at 340x256; end-point error 4x lower on the "
+              "4 Middlebury pairs it was tuned on, all from one (Urban2), equal on FlyingChairs, "
+              "not tuned on], fast, opencv [OpenCV's defaults, as TSN/mmaction2 features]; dis: "
+              "ultrafast, fast, medium [default]); measured with bench/tvl1_agreement.py and "
+              "bench/flow_gpu.py on a 2-core Xeon, see docs/flow-presets.md.")
 @click.option("--backend", type=click.Choice(["opencv", "torch"]), default=D["backend"], show_default=True,
               help="TV-L1 implementation: OpenCV's, or datp's PyTorch port of it (batched, CPU or "
-              "GPU; same flow up to float rounding, docs/flow-presets.md).")
+              "GPU; same flow up to float rounding). OpenCV is faster on the CPU (measured), "
+              "hence the default; docs/flow-presets.md.")
 @click.option("--device", default=D["device"], show_default=True,
               help="Device of --backend torch: auto, cpu, cuda or cuda:K (opencv: CPU only).")
 @click.option("--short-side", type=int, default=D["short_side"], show_default=True,
