@@ -21,6 +21,7 @@ one OpenCV thread's over the same pairs.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import time
@@ -98,8 +99,8 @@ def torch_run(preset: str, pairs, batch: int, device: str) -> tuple[float, float
 
 
 def row(label: str, n: int, wall: float, cpu: float, ref_wall: float, ref_cpu: float) -> str:
-    ratio_cpu = f"{ref_cpu / cpu:.2f}" if cpu == cpu and ref_cpu == ref_cpu else "-"
-    cpu_text = f"{cpu / n:.3f}" if cpu == cpu else "-"
+    ratio_cpu = "-" if math.isnan(cpu) or math.isnan(ref_cpu) else f"{ref_cpu / cpu:.2f}"
+    cpu_text = "-" if math.isnan(cpu) else f"{cpu / n:.3f}"
     return (f"| {label} | {n} | {n / wall:.2f} | {ref_wall / wall:.2f} | {cpu_text} | {ratio_cpu} |")
 
 

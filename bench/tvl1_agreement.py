@@ -62,7 +62,7 @@ def main() -> None:
         sums = {impl: {"epe_mb": [], "epe_fc": [], "dist": [], "cpu": []} for impl in ("opencv", "torch")}
         items = [(n, p, q, g) for n, p, q, g in gt_items] + [(n, p, q, None) for n, p, q in clips]
         for name, prev, nxt, gt in items:
-            ours, cpu_torch = timed(lambda a, b: tvl1_flow(a, b, params)[0].numpy(), prev, nxt)
+            ours, cpu_torch = timed(lambda a, b, c: tvl1_flow(a, b, c)[0].numpy(), prev, nxt, params)
             computer = FlowComputer(preset=preset)  # fresh: OpenCV's object can lose scales
             theirs, cpu_cv = timed(computer, prev, nxt)
             fig = compare_flows(ours, theirs)

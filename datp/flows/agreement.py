@@ -10,8 +10,8 @@ resolution, the table in docs/flow-presets.md). The figures for a pair of flows 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np

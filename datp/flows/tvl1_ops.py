@@ -79,7 +79,7 @@ def resize_linear(x: torch.Tensor, size: tuple[int, int], factor: float | None =
     Returns:
         (B, H', W') float32; the horizontal pass first, then the vertical one, as OpenCV.
     """
-    B, H, W = x.shape
+    _, H, W = x.shape
     out_h, out_w = size
     scale_x = 1.0 / factor if factor else 1.0 / (out_w / W)  # OpenCV: 1 / inv_scale
     scale_y = 1.0 / factor if factor else 1.0 / (out_h / H)

@@ -31,8 +31,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datp.flows.tvl1_ops import (centered_gradient, divergence, forward_gradient, median_blur,
-                                 pyramid_sizes, remap_cubic, resize_linear)
+from datp.flows.tvl1_ops import (
+    centered_gradient,
+    divergence,
+    forward_gradient,
+    median_blur,
+    pyramid_sizes,
+    remap_cubic,
+    resize_linear,
+)
 
 FLT_EPSILON = float(np.finfo(np.float32).eps)  # std::numeric_limits<float>::epsilon()
 

@@ -2,9 +2,9 @@
 the flow matches OpenCV's, and a rerun with the other implementation is refused."""
 
 import numpy as np
+from datp_testing import moving_texture, one_thread, run_cli, write_video  # noqa: F401 (autouse)
 
 from datp.flows.store import FlowStore
-from datp_testing import moving_texture, one_thread, run_cli, write_video  # noqa: F401 (autouse)
 
 
 def test_torch_backend_is_recorded_and_agrees_with_opencv(tmp_path):

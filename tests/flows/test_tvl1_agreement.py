@@ -20,12 +20,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from datp_testing import shared_data
 
 from datp.flows.agreement import clip_pairs, compare_flows, ground_truth_pairs
 from datp.flows.compute import FLOW_PRESETS, FlowComputer
 from datp.flows.middlebury import endpoint_error
 from datp.flows.tvl1_torch import tvl1_flow
-from datp_testing import shared_data
 
 PRESETS = ("opencv", "tuned")
 pytestmark = pytest.mark.slow

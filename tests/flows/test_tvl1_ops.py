@@ -4,10 +4,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-from datp.flows.tvl1_ops import (centered_gradient, cubic_coeffs, divergence, forward_gradient,
-                                 median_blur, pyramid_sizes, remap_cubic, resize_linear)
 from datp_testing import assert_close
+
+from datp.flows.tvl1_ops import (
+    centered_gradient,
+    cubic_coeffs,
+    divergence,
+    forward_gradient,
+    median_blur,
+    pyramid_sizes,
+    remap_cubic,
+    resize_linear,
+)
 
 
 def noise(h, w, seed=0, scale=255.0):

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
-import datp.flows.tvl1_torch as tvl1_torch
-from datp.flows.compute import FLOW_PRESETS, FlowComputer, compute_flow
-from datp.flows.tvl1_torch import tvl1_flow
 from datp_testing import assert_close
 from flows.test_compute import shifted_texture
+
+from datp.flows import tvl1_torch
+from datp.flows.compute import FLOW_PRESETS, FlowComputer, compute_flow
+from datp.flows.tvl1_torch import tvl1_flow
 
 TUNED = FLOW_PRESETS["tvl1"]["tuned"]
 
