@@ -22,9 +22,17 @@ D = defaults(FlowConfig)
 @click.option("--algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default=D["algorithm"],
               show_default=True)
 @click.option("--preset", default=D["preset"], help="Parameter preset of the algorithm (tvl1: tuned "
-              "[default: 4x lower end-point error than opencv on Middlebury, 2.4x faster], fast, "
-              "opencv [OpenCV's defaults, as TSN/mmaction2 features]; dis: ultrafast, fast, "
-              "medium [default]); see docs/flow-presets.md.")
+              "[default: 2.1x less CPU time than opencv at 340x256; end-point error 4x lower on the "
+              "4 Middlebury pairs it was tuned on, all from one (Urban2), equal on FlyingChairs, "
+              "not tuned on], fast, opencv [OpenCV's defaults, as TSN/mmaction2 features]; dis: "
+              "ultrafast, fast, medium [default]); measured with bench/tvl1_agreement.py and "
+              "bench/flow_gpu.py on a 2-core Xeon, see docs/flow-presets.md.")
+@click.option("--backend", type=click.Choice(["opencv", "torch"]), default=D["backend"], show_default=True,
+              help="TV-L1 implementation: OpenCV's, or datp's PyTorch port of it (batched, CPU or "
+              "GPU; same flow up to float rounding). OpenCV is faster on the CPU (measured), "
+              "hence the default; docs/flow-presets.md.")
+@click.option("--device", default=D["device"], show_default=True,
+              help="Device of --backend torch: auto, cpu, cuda or cuda:K (opencv: CPU only).")
 @click.option("--short-side", type=int, default=D["short_side"], show_default=True,
               help="Resize so the short side has S pixels before flow (0: keep the source size).")
 @click.option("--size", "frame_size", default=None, help="Resize to WxH instead (TSN: 340x256).")
@@ -44,7 +52,7 @@ D = defaults(FlowConfig)
               help="Keep videos whose stream has corrupt packets (default: record as failed).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def extract_flow_cmd(sources, out, fmt, algorithm, preset, short_side, frame_size, bound, rgb, workers,
+def extract_flow_cmd(sources, out, fmt, algorithm, preset, backend, device, short_side, frame_size, bound, rgb, workers,
                      shard, root, split, skip_missing, allow_decode_errors, quiet):
     """Compute optical flow (TV-L1 by default) for every video of SOURCES.
 
@@ -55,7 +63,7 @@ def extract_flow_cmd(sources, out, fmt, algorithm, preset, short_side, frame_siz
     from datp.io.datasets import open_dataset, parse_shard
 
     cfg = FlowConfig(out=str(out), format=fmt, algorithm=algorithm, preset=preset,
-                     short_side=short_side, size=size(frame_size), bound=bound, rgb=rgb,
+                     backend=backend, device=device, short_side=short_side, size=size(frame_size), bound=bound, rgb=rgb,
                      workers=workers, shard=parse_shard(shard),
                      allow_decode_errors=allow_decode_errors)
     dataset, missing = open_dataset(list(sources), root=root, split=split, skip_missing=skip_missing)

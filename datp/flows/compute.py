@@ -5,6 +5,10 @@ flow store (`FlowComputer.params`). Parameter names are OpenCV's getter/setter n
 (`scaleStep` <-> `setScaleStep`) for TV-L1 and DIS, and the argument names of
 `cv2.calcOpticalFlowFarneback` for Farneback. The measurements behind the presets are in
 `docs/flow-presets.md` (re-run with `python bench/presets.py`).
+
+Two implementations of TV-L1 (`backend`): "opencv" (`cv2.optflow.DualTVL1OpticalFlow`, CPU) and
+"torch" (`datp.flows.tvl1_torch`, the same algorithm step by step in PyTorch: batched, CPU or
+CUDA); their agreement is measured in docs/flow-presets.md.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ FLOW_PRESETS: dict[str, dict[str, dict]] = {
         "opencv": _TVL1_OPENCV,
         # Tuned on the Middlebury pairs (bench/presets.py --grid; docs/flow-presets.md): OpenCV's
         # defaults except a pyramid that halves per level (coarsest 0.5**4 = 1/16 of the frame, so
-        # large motion is found) and 3 warps instead of 5. 4x lower mean EPE, 2.4x less CPU time.
+        # large motion is found) and 3 warps instead of 5. 4x lower mean EPE on those pairs (all
+        # from Urban2; equal on FlyingChairs, not tuned on), 2.1-2.4x less CPU time.
         "tuned": {**_TVL1_OPENCV, "scaleStep": 0.5, "warpingsNumber": 3},
         # As "tuned" with 2 warps: another 22-25% less CPU time for 5% more EPE.
         "fast": {**_TVL1_OPENCV, "scaleStep": 0.5, "warpingsNumber": 2},
@@ -78,10 +83,12 @@ FLOW_PRESETS: dict[str, dict[str, dict]] = {
 }
 
 DEFAULT_PRESETS: dict[str, str] = {"tvl1": "tuned", "dis": "medium", "farneback": "mmaction2"}
+BACKENDS = ("opencv", "torch")  # "torch": TV-L1 only (datp.flows.tvl1_torch)
 
 
 def set_single_thread() -> None:
-    """Makes OpenCV use one thread in this process (call it in each worker of a process pool)."""
+    """Makes OpenCV use one thread in this process (call it in each worker of a process pool);
+    the torch backend then uses one torch thread too."""
     cv2.setNumThreads(1)
 
 
@@ -97,6 +104,25 @@ def _configured(obj, params: dict):
     return obj
 
 
+def _checked(prev, next) -> tuple[np.ndarray, np.ndarray]:
+    """The two frames, checked (grayscale uint8, one size) and contiguous."""
+    for label, frame in (("prev", prev), ("next", next)):
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 2:
+            is_array = isinstance(frame, np.ndarray)
+            got = f"{frame.dtype} {frame.shape}" if is_array else type(frame).__name__
+            raise ValueError(
+                f"{label} frame must be a grayscale uint8 array (H, W), got {got}; "
+                "convert with cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)"
+            )
+    if prev.shape != next.shape:
+        raise ValueError(
+            f"frames differ in size: prev {prev.shape}, next {next.shape}; resize both alike"
+        )
+    # DIS asserts contiguous input; crops and flipped views are not (copies only when needed).
+    prev, next = np.ascontiguousarray(prev), np.ascontiguousarray(next)
+    return prev, next
+
+
 class FlowComputer:
     """Computes dense flow with one algorithm and preset; the OpenCV object is created once and reused.
 
@@ -105,9 +131,13 @@ class FlowComputer:
     Args:
         algorithm: one of `FLOW_PRESETS` ("tvl1", "dis", "farneback").
         preset: a preset name of that algorithm; None takes `DEFAULT_PRESETS[algorithm]`.
+        backend: "opencv", or "torch" (TV-L1 only: `datp.flows.tvl1_torch`).
+        device: where the torch backend runs ("auto", "cpu", "cuda[:K]", `datp.io.device`);
+            the opencv backend runs on the CPU ("auto" or "cpu").
     """
 
-    def __init__(self, *, algorithm: str = "tvl1", preset: str | None = None):
+    def __init__(self, *, algorithm: str = "tvl1", preset: str | None = None,
+                 backend: str = "opencv", device: str = "cpu"):
         if algorithm not in FLOW_PRESETS:
             raise ValueError(f"unknown flow algorithm {algorithm!r}; choose from {sorted(FLOW_PRESETS)}")
         preset = DEFAULT_PRESETS[algorithm] if preset is None else preset
@@ -115,9 +145,24 @@ class FlowComputer:
             raise ValueError(
                 f"unknown {algorithm} preset {preset!r}; choose from {sorted(FLOW_PRESETS[algorithm])}"
             )
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown flow backend {backend!r}; choose from {sorted(BACKENDS)}")
+        if backend == "torch" and algorithm != "tvl1":
+            raise ValueError(f"backend 'torch' computes tvl1 only, not {algorithm!r}; use backend 'opencv'")
+        if backend == "opencv" and device not in ("auto", "cpu"):
+            raise ValueError(f"device {device!r}: the opencv backend runs on the CPU; "
+                             "use backend 'torch' for a GPU")
         self.algorithm = algorithm
         self.preset = preset
+        self.backend = backend
         self._params = dict(FLOW_PRESETS[algorithm][preset])
+        if backend == "torch":
+            from datp.io.device import resolve_device
+
+            self.device = resolve_device(device)
+            self._flow = None
+            return
+        self.device = "cpu"
         if algorithm == "tvl1":
             self._flow = _configured(cv2.optflow.DualTVL1OpticalFlow_create(), self._params)
         elif algorithm == "dis":
@@ -142,32 +187,45 @@ class FlowComputer:
         Returns:
             float32 flow in pixels, (H, W, 2); channel 0 is horizontal (x), channel 1 vertical (y).
         """
-        for label, frame in (("prev", prev), ("next", next)):
-            if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 2:
-                is_array = isinstance(frame, np.ndarray)
-                got = f"{frame.dtype} {frame.shape}" if is_array else type(frame).__name__
-                raise ValueError(
-                    f"{label} frame must be a grayscale uint8 array (H, W), got {got}; "
-                    "convert with cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)"
-                )
-        if prev.shape != next.shape:
-            raise ValueError(
-                f"frames differ in size: prev {prev.shape}, next {next.shape}; resize both alike"
-            )
-        # DIS asserts contiguous input; crops and flipped views are not (copies only when needed).
-        prev, next = np.ascontiguousarray(prev), np.ascontiguousarray(next)
+        prev, next = _checked(prev, next)
+        if self.backend == "torch":
+            return self.pairs([(prev, next)])[0]
         if self.algorithm == "farneback":
             flow = cv2.calcOpticalFlowFarneback(prev, next, None, **self._params)
         else:
             flow = self._flow.calc(prev, next, None)
         return flow.astype(np.float32, copy=False)
 
+    def pairs(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Flow of each (prev, next) pair, as `__call__`; the torch backend runs pairs of one size
+        as one batch (`datp.flows.tvl1_torch.tvl1_flow`), each pair stopping on its own."""
+        if self.backend == "opencv":
+            return [self(prev, nxt) for prev, nxt in pairs]
+        from datp.flows.tvl1_torch import tvl1_flow
+
+        if not pairs:
+            return []
+        pairs = [_checked(prev, nxt) for prev, nxt in pairs]
+        if len({prev.shape for prev, _ in pairs} | {nxt.shape for _, nxt in pairs}) > 1:
+            return [self.pairs([pair])[0] for pair in pairs]
+        if self.device.type == "cpu" and cv2.getNumThreads() == 1:
+            import torch  # a worker of a process pool (set_single_thread): one torch thread too
+
+            torch.set_num_threads(1)
+        prevs = np.stack([prev for prev, _ in pairs])  # (B, H, W)
+        nexts = np.stack([nxt for _, nxt in pairs])
+        flow = tvl1_flow(prevs, nexts, self._params, device=self.device)  # (B, H, W, 2)
+        return list(flow.cpu().numpy())
+
 
 def compute_flow(
-    prev: np.ndarray, next: np.ndarray, algorithm: str = "tvl1", preset: str | None = None
+    prev: np.ndarray, next: np.ndarray, algorithm: str = "tvl1", preset: str | None = None,
+    backend: str = "opencv", device: str = "cpu",
 ) -> np.ndarray:
     """Dense flow between two grayscale uint8 frames (H, W) -> float32 (H, W, 2).
 
     Convenience wrapper that builds a `FlowComputer` per call; reuse a `FlowComputer` in loops.
+    `backend="torch"` (TV-L1 only) runs `datp.flows.tvl1_torch` on `device`; for batches of pairs
+    call `datp.flows.tvl1_torch.tvl1_flow` directly.
     """
-    return FlowComputer(algorithm=algorithm, preset=preset)(prev, next)
+    return FlowComputer(algorithm=algorithm, preset=preset, backend=backend, device=device)(prev, next)

@@ -37,6 +37,9 @@ class FlowConfig:
         out: the HDF5 store (format h5) or the output folder (format jpg).
         format: "h5" or "jpg" (TSN/denseflow folders plus annotation lists).
         algorithm, preset: see `datp.flows.compute.FLOW_PRESETS` (preset None = the default).
+        backend: "opencv" or "torch" (TV-L1 in PyTorch, `datp.flows.tvl1_torch`; the pairs of
+            a chunk run as one batch); default: the faster on CPU (docs/flow-presets.md).
+        device: the torch backend's device ("auto", "cpu", "cuda[:K]"); opencv: "auto" or "cpu".
         short_side: resize so the short side has this many pixels (0 keeps the source size).
         size: (W, H) fixed size instead, e.g. (340, 256) as TSN.
         bound: quantization bound in pixels.
@@ -51,6 +54,8 @@ class FlowConfig:
     format: str = "h5"
     algorithm: str = "tvl1"
     preset: str | None = None
+    backend: str = "opencv"
+    device: str = "auto"
     short_side: int = 256
     size: tuple[int, int] | None = None
     bound: float = 20.0
@@ -66,7 +71,8 @@ class FlowConfig:
             raise ValueError(f"workers {self.workers} must be >= 1")
         if self.rgb and self.format != "jpg":
             raise ValueError("--rgb writes img_00001.jpg frames and needs --format jpg")
-        FlowComputer(algorithm=self.algorithm, preset=self.preset)  # validates the names now
+        FlowComputer(algorithm=self.algorithm, preset=self.preset, backend=self.backend,
+                     device=self.device)  # validates the names now
 
     def resize_kwargs(self) -> dict:
         if self.size is not None:
@@ -90,33 +96,35 @@ def flow_job(record: Record, emit, *, cfg: FlowConfig) -> dict:
     Returns:
         The video's metadata for the store (num_frames, fps, sizes, timestamps...).
     """
-    computer = FlowComputer(algorithm=cfg.algorithm, preset=cfg.preset)
+    computer = FlowComputer(algorithm=cfg.algorithm, preset=cfg.preset, backend=cfg.backend,
+                            device=cfg.device)
     info = VideoInfo(path=str(record.path))
     prev = None
-    flows, images = [], []
+    pairs, images = [], []
     for rgb in iter_frames(record.path, info, **cfg.resize_kwargs()):
         gray = to_gray(rgb)
         if cfg.rgb:
             images.append(rgb)
         if prev is not None:
-            flows.append(quantize(computer(prev, gray), cfg.bound))
-        if len(flows) == CHUNK_PAIRS:
-            emit(_chunk(flows, images, cfg.rgb))
-            flows, images = [], []
+            pairs.append((prev, gray))
+        if len(pairs) == CHUNK_PAIRS:  # one batch for the torch backend
+            emit(_chunk([quantize(f, cfg.bound) for f in computer.pairs(pairs)], images, cfg.rgb))
+            pairs, images = [], []
         prev = gray
     if info.errors and not cfg.allow_decode_errors:
         raise DecodeError(f"corrupt stream: {len(info.errors)} packet(s) failed to decode "
                           f"({info.errors[0]}); pass --allow-decode-errors to keep such videos")
     if info.num_frames < 2:
         raise DecodeError(f"{info.num_frames} frame decoded; optical flow needs at least 2")
-    if flows or images:
-        emit(_chunk(flows, images, cfg.rgb))
+    if pairs or images:
+        emit(_chunk([quantize(f, cfg.bound) for f in computer.pairs(pairs)], images, cfg.rgb))
     sy = info.height / (info.source_width if info.rotation in (90, 270) else info.source_height)
     sx = info.width / (info.source_height if info.rotation in (90, 270) else info.source_width)
     return {"num_frames": info.num_frames, "fps": info.fps, "height": info.height,
             "width": info.width, "source_height": info.source_height,
             "source_width": info.source_width, "rotation": info.rotation, "scale": (sy, sx),
             "bound": cfg.bound, "algorithm": cfg.algorithm, "preset": computer.preset,
+            "backend": cfg.backend, "device": str(computer.device),
             "codec": info.codec, "timestamps": info.timestamps,
             "decode_errors": len(info.errors)}
 
