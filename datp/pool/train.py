@@ -172,7 +172,7 @@ def _members(cfgs, outs, store: FeatureStore, class_names: list[str], pad_to: in
         shape = store.conv_shape(m.streams[0])
         m.options = head_options(cfg, score_source=m.score_source, num_classes=len(class_names), num_segments=pad_to,
                                  in_channels=in_channels if m.joint else in_channels[m.streams[0]],
-                                 map_size=int(shape[-1]) if len(shape) == 3 else None)
+                                 map_size=int(shape[-1]) if len(shape) == 3 else 1)  # 1: feature vectors
         m.conv = needs_conv(cfg.head, m.score_source, cfg.datp_input)
         members.append(m)
     return members

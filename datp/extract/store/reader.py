@@ -96,8 +96,10 @@ class FeatureStore:
         return int(self._file[f"{self.streams[0]}/logits"].shape[-1]) if self.streams else 0
 
     def conv_shape(self, stream: str) -> tuple[int, ...]:
+        """The shape of one segment's features: (Cf, h, w) conv maps, or (D,) feature vectors."""
         self.require(stream)
-        return tuple(self._file[f"{stream}/conv"].shape[-3:])
+        shape = self._file[f"{stream}/conv"].shape
+        return tuple(shape[2:] if self.layout == "fixed" else shape[1:])
 
     def require(self, stream: str, field: str = "conv") -> None:
         """Raise a clear StoreError if `<stream>/<field>` is missing."""
@@ -145,7 +147,7 @@ class FeatureStore:
         frame = torch.zeros(B, n, dtype=torch.int64)
         convs, logits = {}, {}
         for stream in streams:
-            cshape = self._file[f"{stream}/conv"].shape[-3:]
+            cshape = self.conv_shape(stream)
             C = self._file[f"{stream}/logits"].shape[-1]
             convs[stream] = torch.zeros((B, n) + tuple(cshape), dtype=conv_dtype) if conv else None
             logits[stream] = torch.zeros(B, n, C)

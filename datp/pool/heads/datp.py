@@ -173,7 +173,8 @@ def l2_pool_log(scores: Tensor, log_w: Tensor, mask: Tensor) -> tuple[Tensor, Te
 class AuxNet(nn.Module):
     """The auxiliary ConvNet that regresses the weight generator's parameters.
 
-    conv input (B, N, Cf, H, W): a k x k conv to 64 channels + ReLU per segment, k = min(7, map_size):
+    conv input (B, N, Cf, H, W): a k x k conv to 64 channels + ReLU per segment, k = min(7, map_size);
+    (B, N, D) feature vectors (imported I3D features, map_size 1): a linear layer D -> 64 + ReLU per segment:
     the paper's 7x7 conv over the whole 7x7 map of a ResNet at 224; smaller maps (a ResNet at 112 gives
     4x4) get a conv over their whole map (maps larger than k x k
     are averaged over the remaining positions), then the temporal part. softmax input (B, N, C):
@@ -213,19 +214,23 @@ class AuxNet(nn.Module):
         B, N = mask.shape
         if self.spatial is not None:
             k = self.kernel
-            if x.dim() != 5 or x.shape[-1] < k or x.shape[-2] < k:
-                raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>={k}, W>={k}) conv maps, got "
-                                 f"shape {tuple(x.shape)}; store unpooled conv features, build the head with "
-                                 "map_size=H, or use input='softmax'")
-            x = x.masked_fill(~mask[..., None, None, None], 0.0)
-            if x.shape[-2:] == (k, k):
-                # A conv whose kernel covers the whole map is one matrix product with the flattened map;
-                # as a GEMM it runs ~10x faster on CPU than the convolution (same numbers up to rounding).
-                w = self.spatial.weight.flatten(1)  # (64, Cf*k*k)
-                x = F.relu(F.linear(x.flatten(2), w, self.spatial.bias))  # (B, N, 64)
+            if x.dim() == 3 and k == 1:  # (B, N, D) feature vectors (map_size 1): a per-segment linear layer
+                w = self.spatial.weight.flatten(1)  # (64, D)
+                x = F.relu(F.linear(x.masked_fill(~mask[..., None], 0.0), w, self.spatial.bias))  # (B, N, 64)
             else:
-                h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-k+1, W-k+1)
-                x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
+                if x.dim() != 5 or x.shape[-1] < k or x.shape[-2] < k:
+                    raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>={k}, W>={k}) conv maps or, with "
+                                     f"map_size=1, (B, N, D) vectors; got shape {tuple(x.shape)}; store unpooled conv "
+                                     "features, build the head with map_size=H, or use input='softmax'")
+                x = x.masked_fill(~mask[..., None, None, None], 0.0)
+                if x.shape[-2:] == (k, k):
+                    # A conv whose kernel covers the whole map is one matrix product with the flattened map;
+                    # as a GEMM it runs ~10x faster on CPU than the convolution (same numbers up to rounding).
+                    w = self.spatial.weight.flatten(1)  # (64, Cf*k*k)
+                    x = F.relu(F.linear(x.flatten(2), w, self.spatial.bias))  # (B, N, 64)
+                else:
+                    h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-k+1, W-k+1)
+                    x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
         h = x.masked_fill(~mask[..., None], 0.0).transpose(1, 2)  # (B, width, N)
         slots = F.pad(mask, (0, self.num_segments - N), value=False)  # (B, S)
         h = F.pad(h, (0, self.num_segments - N))  # (B, width, S): short inputs fill the first slots
