@@ -50,7 +50,12 @@ def load_resume(path: Path) -> dict:
     if not Path(path).is_file():
         raise ValueError(f"{path} does not exist: there is no run to resume in {Path(path).parent}; "
                          "run without --resume to start one")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or damaged file: torch raises several types; say which file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} cannot be read ({reason}); it was cut short or damaged: resume from a copy, "
+                         "or start the run again without --resume") from None
 
 
 def load_head(checkpoint: str | Path | dict) -> nn.Module:

@@ -149,3 +149,13 @@ def test_flow_stream_trains_from_a_flow_store_and_from_jpg_folders(tmp_path, fmt
     assert all(np.isfinite(e["train"]["loss"]) for e in result["history"])
     model = _rebuilt(cfg, tmp_path / "run" / "last.pt")
     assert model.backbone.conv1.in_channels == 6 and state_digest(model) == result["state_sha256"]
+
+
+def test_a_truncated_resume_file_is_one_line_naming_it(tmp_path):
+    from datp.finetune.checkpoint import load_resume
+
+    path = tmp_path / "resume.pt"
+    torch.save({"epoch": 1, "state": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="resume.pt cannot be read .*cut short or damaged"):
+        load_resume(path)

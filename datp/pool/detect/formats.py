@@ -184,14 +184,25 @@ def read_activitynet_predictions(path: str | Path) -> list[Detection]:
     Returns:
         The detections, in file order.
     """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or "results" not in data:
-        raise ValueError(f"{path} has no 'results' key; expected an ActivityNet results JSON")
-    return [
-        Detection(video, str(r["label"]), float(r["segment"][0]), float(r["segment"][1]), float(r["score"]))
-        for video, rows in data["results"].items()
-        for r in rows
-    ]
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg} at line {err.lineno}); expected an ActivityNet results "
+                         "JSON (datp localize writes one)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ValueError(f"{path} has no 'results' mapping; expected an ActivityNet results JSON")
+    detections = []
+    for video, rows in data["results"].items():
+        for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
+            try:
+                segment = [float(v) for v in r["segment"]]
+                if len(segment) != 2:
+                    raise ValueError
+                detections.append(Detection(video, str(r["label"]), segment[0], segment[1], float(r["score"])))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: detection {i} of video {video!r} must be {{'label', 'score', "
+                                 f"'segment': [start, end]}}, got {r!r}") from None
+    return detections
 
 
 ACTIVITYNET_VERSION = "VERSION 1.3"

@@ -423,3 +423,15 @@ def test_matches_loop_transliteration_of_official_code():
             expected = [_official_thumos(G, D, amb, t) for t in THUMOS14_THRESHOLDS]
             worst = max(worst, np.abs(np.array(thumos.ap[label]) - expected).max())
     assert worst <= 1e-12, f"largest difference from the official loops: {worst}"
+
+
+def test_a_malformed_results_file_is_one_line_naming_it(tmp_path):
+    from datp.pool.detect.formats import read_activitynet_predictions
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": {"v": [{"label": "a", "score": 0.5, "segment": [3.0]}]}}')
+    with pytest.raises(ValueError, match=r"bad.json: detection 0 of video 'v' must be"):
+        read_activitynet_predictions(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not JSON"):
+        read_activitynet_predictions(bad)
