@@ -48,6 +48,9 @@ CONSTRUCTIONS = {
     "N10-none-key1-2": {"distractor": "none"},
     "N5-d1.0-two-streams": {"num_segments": 5, "distractor_strength": 1.0, "streams": ("rgb", "flow")},
 }
+# DATP's key-moment settings (docs/fidelity.md; not train-head's defaults, which the demo keeps):
+# sigma floor half the segment spacing (set per store), auxiliary net at min(lr, 1e-3).
+KEY_MOMENT = {"aux_lr_scale": 1.0, "aux_max_lr": 1e-3}
 HEADS = {  # column -> (head, options)
     "avg": ("avg", {}), "max": ("max", {}), "datp-K1": ("datp", {"gaussians": 1}), "datp-K2": ("datp", {}),
     "datp-disc": ("datp", {"generator": "discrete"}), "lstm-attn": ("lstm-attn", {}), "self-attn": ("self-attn", {}),
@@ -74,6 +77,8 @@ def run_one(cfg: KeyMomentConfig, folder: Path, only: list[str] | None = None) -
     out = {}
     for column, (head, options) in heads.items():
         stream = "both" if head == "joint-attn" else "flow"
+        if head == "datp":
+            options = {**options, **KEY_MOMENT, "min_sigma": 0.5 / cfg.num_segments}
         result = train_head(HeadConfig(features=str(store), out=str(folder / column), head=head, stream=stream,
                                        seed=cfg.seed, device="cpu", **options), progress=False)
         out[column] = result["top1"]

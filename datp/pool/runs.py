@@ -92,7 +92,7 @@ def rebuild_head(name: str, options: dict) -> nn.Module:
     """`build_head(name, **options)` from options as JSON holds them (lists where heads take tuples)."""
     options = dict(options)
     if name == "datp" and "min_sigma" not in options:
-        options["min_sigma"] = 0.01  # head checkpoints written before min_sigma was recorded were trained with 0.01
+        options["min_sigma"] = 0.01  # head checkpoints written before min_sigma was recorded used 0.01
     if "streams" in options:
         options["streams"] = tuple(options["streams"])
     return build_head(name, **options)

@@ -97,22 +97,22 @@ def test_an_interrupted_run_leaves_the_old_run_whole_and_exits_130(stores, tmp_p
     before = snapshot(out)
     import datp.pool.train as train_module
 
-    real = train_module._epoch_loss
+    real = train_module._step
     calls = []
 
-    def interrupt_in_epoch_two(*args, **kwargs):
+    def interrupt_in_epoch_two(*args, **kwargs):  # 24 train videos - 20% validation, batch 8: 3 steps an epoch
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_epoch_loss", interrupt_in_epoch_two)
+    monkeypatch.setattr(train_module, "_step", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train_head(cfg(stores["train_only"], out, seed=1), progress=False)
     assert snapshot(out) == before and leftovers(tmp_path) == []
     calls.clear()
     code, output = run_cli("train-head", stores["train_only"], "--head", "avg", "--score-source", "linear",
-                           "--epochs", "3", "--out", out, "--quiet")
+                           "--epochs", "3", "--batch-size", "8", "--out", out, "--quiet")
     assert code == 130 and "interrupted" in output, (code, output)
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
@@ -183,10 +183,10 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(stores,
 
 
 def test_a_datp_checkpoint_rebuilds_its_own_sigma_floor(stores, tmp_path):
-    """New runs record min_sigma (0.5 / N); checkpoints written before it was recorded used 0.01."""
+    """New runs record min_sigma; checkpoints written before it was recorded used 0.01."""
     out = tmp_path / "datp"
-    train_head(HeadConfig(features=str(stores["full"]), out=str(out), head="datp", score_source="linear", epochs=1),
-               progress=False)
+    train_head(HeadConfig(features=str(stores["full"]), out=str(out), head="datp", score_source="linear", epochs=1,
+                          min_sigma=0.5 / 4), progress=False)
     run = load_run(out)
     assert run.options["min_sigma"] == 0.5 / 4 and run.head.min_sigma == 0.5 / 4
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
