@@ -27,7 +27,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from datp.io.atomic import atomic_path, finished_parts, parts_dir
+from datp.io.atomic import atomic_path, commit, finished_parts, parts_dir, unique_tmp, write_error
 from datp.io.datasets import Record, safe_name
 from datp.io.h5header import StoreError, check_header, header
 
@@ -36,7 +36,8 @@ KIND = "flow"
 
 
 __all__ = ["KIND", "SCHEMA", "FlowPartWriter", "FlowStore", "StoreError", "done_ids",
-           "merge_stores", "open_for_update", "stored_settings", "write_store"]
+           "check_part", "merge_stores", "open_for_update", "stored_settings", "verified_parts",
+           "write_store"]
 
 
 def _file_attrs(settings: dict) -> dict:
@@ -46,63 +47,113 @@ def _file_attrs(settings: dict) -> dict:
 class FlowPartWriter:
     """Receives a video's flow chunks from the runner and writes them to its part file.
 
-    The part is written under a temporary name and renamed when the video is complete, so a part
-    file that exists is always whole.
+    The part is written under a temporary name unique to this process, closed, checked
+    (`check_part`) and only then renamed into place, so a part file that exists is whole. Every
+    dataset carries HDF5's fletcher32 checksum, so a damaged block is found when it is read. A
+    failed write (disk full, I/O error) raises an OSError naming the part.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, on_first_done=None):
         self.folder = parts_dir(out)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, tuple[h5py.File, Path]] = {}
+        self._on_first_done = on_first_done
 
     def part_path(self, record: Record) -> Path:
         return self.folder / f"{safe_name(record.id)}.h5"
 
     def chunk(self, record: Record, payload: np.ndarray) -> None:
         """Append quantized flow pairs (n, H, W, 2) uint8 of `record`."""
-        if record.id not in self._open:
-            final = self.part_path(record)
-            tmp = final.with_name(f".{final.name}.tmp")
-            handle = h5py.File(tmp, "w")
-            h, w = payload.shape[1:3]
-            handle.create_dataset("video/flow", shape=(0, h, w, 2), maxshape=(None, h, w, 2),
-                                  dtype=np.uint8, chunks=(1, h, w, 2), compression="gzip",
-                                  compression_opts=4)
-            self._open[record.id] = (handle, tmp)
-        handle, _ = self._open[record.id]
-        flow = handle["video/flow"]
-        n = flow.shape[0]
-        flow.resize(n + len(payload), axis=0)
-        flow[n:] = payload
+        tmp = unique_tmp(self.part_path(record))
+        try:
+            if record.id not in self._open:
+                tmp.unlink(missing_ok=True)
+                handle = h5py.File(tmp, "w")
+                self._open[record.id] = (handle, tmp)
+                h, w = payload.shape[1:3]
+                handle.create_dataset("video/flow", shape=(0, h, w, 2), maxshape=(None, h, w, 2),
+                                      dtype=np.uint8, chunks=(1, h, w, 2), compression="gzip",
+                                      compression_opts=4, fletcher32=True)
+            handle, _ = self._open[record.id]
+            flow = handle["video/flow"]
+            n = flow.shape[0]
+            flow.resize(n + len(payload), axis=0)
+            flow[n:] = payload
+        except OSError as err:
+            raise write_error(tmp, err) from err
 
     def done(self, record: Record, meta: dict) -> None:
-        """Write the video's attributes and timestamps, close, and rename the part into place."""
+        """Write the video's attributes and timestamps, close, check, and rename into place."""
         if record.id not in self._open:  # a video with no flow pairs never reaches done
             raise RuntimeError(f"{record.id}: done without flow")
         handle, tmp = self._open.pop(record.id)
-        group = handle["video"]
-        group.create_dataset("timestamps", data=np.asarray(meta.pop("timestamps"), np.float64))
-        attrs = {"id": record.id, "path": str(record.path), "label": record.label,
-                 "split": record.split, **meta}
-        for key, value in attrs.items():
-            group.attrs[key] = value
-        if group["flow"].shape[0] != attrs["num_frames"] - 1:
-            raise RuntimeError(f"{record.id}: {group['flow'].shape[0]} flow pairs for "
-                               f"{attrs['num_frames']} frames")
-        handle.close()
-        os.replace(tmp, self.part_path(record))
+        try:
+            group = handle["video"]
+            group.create_dataset("timestamps", data=np.asarray(meta.pop("timestamps"), np.float64),
+                                 fletcher32=True, chunks=True)
+            attrs = {"id": record.id, "path": str(record.path), "label": record.label,
+                     "split": record.split, **meta}
+            for key, value in attrs.items():
+                group.attrs[key] = value
+            if group["flow"].shape[0] != attrs["num_frames"] - 1:
+                raise RuntimeError(f"{record.id}: {group['flow'].shape[0]} flow pairs for "
+                                   f"{attrs['num_frames']} frames")
+            handle.flush()
+            handle.close()
+            check_part(tmp)  # a close that failed without saying so is caught here
+            if self._on_first_done is not None:
+                self._on_first_done()
+                self._on_first_done = None
+            commit(tmp, self.part_path(record))
+        except OSError as err:
+            _drop(handle, tmp)
+            raise write_error(tmp, err) from err
+        except BaseException:
+            _drop(handle, tmp)
+            raise
 
     def fail(self, record: Record, reason: str) -> None:
         entry = self._open.pop(record.id, None)
         if entry is not None:
-            entry[0].close()
-            entry[1].unlink(missing_ok=True)
+            _drop(*entry)
 
     def close(self) -> None:
         for record_id in list(self._open):
-            handle, tmp = self._open.pop(record_id)
-            handle.close()
-            tmp.unlink(missing_ok=True)
+            _drop(*self._open.pop(record_id))
+
+
+def _drop(handle: h5py.File, tmp: Path) -> None:
+    """Close (errors ignored: the file is thrown away) and remove a temporary part."""
+    try:
+        handle.close()
+    except (OSError, RuntimeError, ValueError):
+        pass
+    tmp.unlink(missing_ok=True)
+
+
+def check_part(path: Path) -> str:
+    """Check a part file as a rerun reuses it: it opens, its shapes are those its attrs record,
+    and every chunk reads back (fletcher32 checksums). Returns the video id.
+
+    Raises:
+        StoreError: the part is damaged (the message says how).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["video"]
+            a = group.attrs
+            T = int(a["num_frames"])
+            want = (T - 1, int(a["height"]), int(a["width"]), 2)
+            if group["flow"].shape != want or group["timestamps"].shape != (T,):
+                raise StoreError(f"flow {group['flow'].shape} / timestamps "
+                                 f"{group['timestamps'].shape} for {T} frames")
+            flow = group["flow"]
+            for i in range(0, want[0], 64):
+                flow[i:i + 64]
+            group["timestamps"][:]
+            return str(a["id"])
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise StoreError(f"damaged part {path}: {err}") from None
 
 
 BASE_NAME = "_store_base.hdf5"  # not a per-video part (those end in .h5)
@@ -113,16 +164,34 @@ def _is_link(group: h5py.Group, name: str) -> bool:
 
 
 def _is_final(out: Path) -> bool:
-    """True when `out` is a self-contained store (no links into parts)."""
+    """True when `out` is a self-contained flow store (no links into parts)."""
     with h5py.File(out, "r") as f:
         return f.attrs.get("datp_kind") == KIND and not any(
             _is_link(f["videos"], n) for n in f.get("videos", {}))
 
 
-def done_ids(out: Path) -> set[str]:
-    """Ids of videos already finished for the store `out` (in its parts, base or final file)."""
+def verified_parts(out: Path, report=None) -> dict[str, Path]:
+    """The finished parts of the store `out` that pass `check_part`, by file stem.
+
+    A damaged part is removed (its video is redone) and named through `report(message)`.
+    """
+    good = {}
+    for stem, path in finished_parts(parts_dir(out)).items():
+        try:
+            check_part(path)
+            good[stem] = path
+        except StoreError as err:
+            path.unlink(missing_ok=True)
+            if report is not None:
+                report(f"{err}; removed, its video is redone")
+    return good
+
+
+def done_ids(out: Path, report=None) -> set[str]:
+    """Ids of videos already finished for the store `out` (in its parts, base or final file);
+    damaged parts are removed and reported (`verified_parts`)."""
     out = Path(out)
-    ids = {_part_id(path) for path in finished_parts(parts_dir(out)).values()}
+    ids = {_part_id(path) for path in verified_parts(out, report).values()}
     for path in (parts_dir(out) / BASE_NAME, out):
         if path.is_file() and (path != out or _is_final(out)):
             with h5py.File(path, "r") as f:
@@ -131,8 +200,11 @@ def done_ids(out: Path) -> set[str]:
 
 
 def stored_settings(out: Path) -> dict:
-    """The settings recorded in the file `out` (an index or a final store); {} when none."""
+    """The settings recorded in the file `out` when it holds at least one video; {} otherwise
+    (an index written before any video finished records nothing binding)."""
     with h5py.File(out, "r") as f:
+        if not len(f.get("videos", {})):
+            return {}
         return json.loads(f.attrs.get("settings", "{}"))
 
 
@@ -154,15 +226,18 @@ def open_for_update(out: Path) -> None:
 
 
 def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: bool) -> int:
-    """(Re)build the store `out` from the finished parts of `records`, atomically.
+    """(Re)build the store `out` from every finished video it has, atomically.
+
+    The store is the union of all its runs: every video of the base (the finished store moved
+    aside by `open_for_update`) and every finished part, whichever run or list made it; a video in
+    both is taken from its part (the newer).
 
     Args:
         out: the store file.
-        records: the dataset's videos, in order; those with a finished part (or in the base
-            store moved aside by `open_for_update`) are included, in this order.
+        records: this run's videos (unused: every finished video is kept; kept for callers).
         settings: run settings recorded in the file attrs.
-        final: copy the parts into one self-contained file and delete them; otherwise write an
-            index of external links (cheap; used during a run and after an interruption).
+        final: copy everything into one self-contained file and delete the parts; otherwise
+            write an index of external links (cheap; used during a run and after an interruption).
 
     Returns:
         The number of videos in the store.
@@ -174,19 +249,18 @@ def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: 
     parts = finished_parts(folder)
     base_path = folder / BASE_NAME
     base = h5py.File(base_path, "r") if base_path.is_file() else None
+    # HDF5 lists a group's members by name, so the order of the union needs no care here
+    names = sorted(set(parts) | set(base["videos"] if base is not None else ()))
     count = 0
     try:
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(_file_attrs(settings))
             videos = f.create_group("videos")
-            for record in records:
-                name = safe_name(record.id)
+            for name in names:
                 if name in parts:
                     source, file, path = parts[name], None, "/video"
-                elif base is not None and name in base["videos"]:
-                    source, file, path = base_path, base, f"/videos/{name}"
                 else:
-                    continue
+                    source, file, path = base_path, base, f"/videos/{name}"
                 if not final:
                     videos[name] = h5py.ExternalLink(os.path.relpath(source, out.parent), path)
                 elif file is not None:

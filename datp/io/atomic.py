@@ -65,3 +65,97 @@ def finished_parts(folder: Path, suffix: str = ".h5") -> dict[str, Path]:
         return {}
     return {p.name[: -len(suffix)]: p for p in folder.iterdir()
             if p.name.endswith(suffix) and not p.name.startswith(".")}
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Make the closed, verified file `tmp` durable and rename it onto `final`."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """An OSError naming `path` (h5py's often name no file), for the one-line message of a
+    failed write (disk full, I/O error); what is finished stays on disk."""
+    import errno as _errno
+
+    reason = err.strerror or str(err) or type(err).__name__
+    return OSError(err.errno or _errno.EIO, f"{reason} (writing it failed; finished videos are "
+                   "kept: free space or fix the disk, then rerun the same command)", str(path))
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary sibling name of `path` that no other process uses (`.<name>.tmp<pid>`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+class OutputLocked(ValueError):
+    """Another live process holds the lock of an output."""
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of the output `out`: `<out>.lock` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, lock: Path | None = None) -> Iterator[None]:
+    """Hold the one-writer lock of `out` for the block (`fcntl.flock` on `<out>.lock`, holding
+    the pid).
+
+    The kernel drops a flock when its process dies, so a lock file left by a killed process is
+    simply taken over. The lock file is removed when the block ends.
+
+    Raises:
+        OutputLocked: another live process holds it (the message names its pid and `out`).
+    """
+    import fcntl
+
+    lock = Path(lock) if lock is not None else lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputLocked(f"another datp process (pid {pid}) is writing {out}; wait for it "
+                               "to end (or stop it), or use another --out") from None
+        try:  # the previous holder may have removed the file we locked: lock the one on disk
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        os.close(fd)
+
+
+def die_with_parent() -> None:
+    """In a worker process: ask Linux to SIGKILL it when its parent dies (even by kill -9), so no
+    worker outlives its job. A no-op elsewhere."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)

@@ -25,7 +25,15 @@ A rerun over a finished store (to add videos or retry failed ones) first moves i
 copied at the end), so the store keeps opening and nothing finished is lost.
 """
 
-from datp.extract.store.build import build_store, done_ids, write_features, write_part
+from datp.extract.store.build import (
+    build_store,
+    check_part,
+    done_ids,
+    finished_attrs,
+    verified_parts,
+    write_features,
+    write_part,
+)
 from datp.extract.store.merge import merge_feature_stores
 from datp.extract.store.reader import Batch, FeatureStore
 from datp.extract.store.schema import (
@@ -42,5 +50,6 @@ from datp.extract.store.schema import (
 )
 
 __all__ = ["BASE_NAME", "KIND", "SCHEMA", "STREAMS", "Batch", "FeatureStore", "StoreError",
-           "VideoFeatures", "VideoRow", "base_attrs", "build_store", "done_ids", "is_final",
-           "merge_feature_stores", "stored_attrs", "write_features", "write_part"]
+           "VideoFeatures", "VideoRow", "base_attrs", "build_store", "check_part", "done_ids", "finished_attrs",
+           "is_final",
+           "merge_feature_stores", "stored_attrs", "verified_parts", "write_features", "write_part"]
