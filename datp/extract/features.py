@@ -30,11 +30,11 @@ import torch
 
 from datp.extract import store as fstore
 from datp.extract.loader import FeatureConfig, VideoItems, flow_settings
+from datp.io.atomic import die_with_parent
 from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
-from datp.io.runner import FailureLog, Summary
-from datp.io.atomic import die_with_parent
 from datp.io.h5header import check_output
+from datp.io.runner import FailureLog, Summary
 from datp.io.settings import check_settings, read_marker, write_marker
 
 __all__ = ["FeatureConfig", "VideoItems", "extract_features", "load_models", "shard_out"]

@@ -23,8 +23,8 @@ from datp.flows.quantize import quantize
 from datp.io import datasets
 from datp.io.datasets import Dataset, Record, check_range, check_shard, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
-from datp.io.runner import FailureLog, Summary, run_jobs
 from datp.io.h5header import check_output
+from datp.io.runner import FailureLog, Summary, run_jobs
 from datp.io.settings import check_settings, read_marker, write_marker
 
 CHUNK_PAIRS = 16  # flow pairs per message from a worker: bounds memory for hour-long videos

@@ -170,7 +170,7 @@ def _listed(out: Path) -> list[Record]:
             parts = line.rsplit(maxsplit=2)
             if len(parts) == 3 and parts[0] not in found:
                 found[parts[0]] = Record(parts[0], out / parts[0], int(parts[2]), "all")
-    for path in list(out.glob(f"*_list_*.txt")):
+    for path in list(out.glob("*_list_*.txt")):
         split = path.stem.split("_list_", 1)[1]
         for line in path.read_text().splitlines():
             parts = line.rsplit(maxsplit=2)

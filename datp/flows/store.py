@@ -27,9 +27,18 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from datp.io.atomic import atomic_path, commit, finished_parts, parts_dir, unique_tmp, write_error
+from datp.io.atomic import (
+    atomic_path,
+    commit,
+    ensure_space,
+    finished_parts,
+    parts_dir,
+    unique_tmp,
+    write_error,
+    writing,
+)
 from datp.io.datasets import Record, safe_name
-from datp.io.h5header import StoreError, check_header, header
+from datp.io.h5header import StoreError, check_header, header, open_h5
 
 SCHEMA = 1
 KIND = "flow"
@@ -65,6 +74,7 @@ class FlowPartWriter:
     def chunk(self, record: Record, payload: np.ndarray) -> None:
         """Append quantized flow pairs (n, H, W, 2) uint8 of `record`."""
         tmp = unique_tmp(self.part_path(record))
+        ensure_space(tmp, payload.nbytes)
         try:
             if record.id not in self._open:
                 tmp.unlink(missing_ok=True)
@@ -100,13 +110,15 @@ class FlowPartWriter:
                                    f"{attrs['num_frames']} frames")
             handle.flush()
             handle.close()
-            check_part(tmp)  # a close that failed without saying so is caught here
+            _read_back(tmp)  # a close that failed without saying so is caught here
             if self._on_first_done is not None:
                 self._on_first_done()
                 self._on_first_done = None
             commit(tmp, self.part_path(record))
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             _drop(handle, tmp)
+            if isinstance(err, RuntimeError) and "flush" not in str(err).lower():
+                raise
             raise write_error(tmp, err) from err
         except BaseException:
             _drop(handle, tmp)
@@ -129,6 +141,16 @@ def _drop(handle: h5py.File, tmp: Path) -> None:
     except (OSError, RuntimeError, ValueError):
         pass
     tmp.unlink(missing_ok=True)
+
+
+def _read_back(tmp: Path) -> None:
+    """Check a part just written; one that does not read back is a failed write."""
+    import errno
+
+    try:
+        check_part(tmp)
+    except StoreError as err:
+        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None
 
 
 def check_part(path: Path) -> str:
@@ -251,9 +273,14 @@ def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: 
     base = h5py.File(base_path, "r") if base_path.is_file() else None
     # HDF5 lists a group's members by name, so the order of the union needs no care here
     names = sorted(set(parts) | set(base["videos"] if base is not None else ()))
+    if final:  # the parts' and the base's chunks are copied as they are
+        ensure_space(out, sum(p.stat().st_size for p in parts.values())
+                     + (base_path.stat().st_size if base is not None else 0))
+    else:
+        ensure_space(out, 0)
     count = 0
     try:
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        with writing(out), atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(_file_attrs(settings))
             videos = f.create_group("videos")
             for name in names:
@@ -289,15 +316,22 @@ class FlowStore:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"{self.path}: no such flow store; run datp extract-flow first")
-        self._file = h5py.File(self.path, "r")
+        self._file = open_h5(self.path, "flow store")
         try:
             check_header(self._file.attrs, self.path, kind=KIND, schema=SCHEMA, noun="flow store",
                          fix="re-run datp extract-flow or use a matching datp")
-        except StoreError:
+            self.settings = json.loads(self._file.attrs["settings"])
+            videos = self._file["videos"]
+            for name in videos:  # an index whose parts moved: name the missing file now
+                link = videos.get(name, getlink=True)
+                if isinstance(link, h5py.ExternalLink) and not (
+                        self.path.parent / link.filename).is_file():
+                    raise StoreError(f"{self.path}: video {name} links to {link.filename}, which "
+                                     "is missing; rerun the extract-flow (or merge) that wrote it")
+            self._names = {videos[n].attrs["id"]: n for n in videos}
+        except BaseException:
             self._file.close()
             raise
-        self.settings = json.loads(self._file.attrs["settings"])
-        self._names = {self._file["videos"][n].attrs["id"]: n for n in self._file["videos"]}
 
     def __enter__(self) -> "FlowStore":
         return self
@@ -355,7 +389,7 @@ def merge_stores(inputs: list[Path], out: Path, *, copy: bool = False) -> int:
     """
     settings = None
     count = 0
-    with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
+    with writing(Path(out)), atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
         videos = f.create_group("videos")
         for path in inputs:
             with FlowStore(path) as store:

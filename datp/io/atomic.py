@@ -77,14 +77,54 @@ def commit(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_error(path: Path, err: OSError) -> OSError:
+_HDF5_FAILED = []  # files whose write failed inside HDF5 (see `hdf5_write_failed`)
+
+
+def write_error(path: Path, err: OSError, *, hdf5: bool = True) -> OSError:
     """An OSError naming `path` (h5py's often name no file), for the one-line message of a
-    failed write (disk full, I/O error); what is finished stays on disk."""
+    failed write (disk full, I/O error); what is finished stays on disk.
+
+    Args:
+        hdf5: the write failed inside HDF5, which then cannot close the file cleanly: the
+            process should end without HDF5's exit handlers (`hdf5_write_failed`).
+    """
     import errno as _errno
 
-    reason = err.strerror or str(err) or type(err).__name__
+    if hdf5:
+        _HDF5_FAILED.append(str(path))
+    if err.filename and "writing it failed" in str(err.strerror):
+        return err  # made here already
+    reason = (err.strerror or str(err) or type(err).__name__).split(" (file write failed")[0]
+    if err.errno == _errno.ENOSPC and "space" not in reason:
+        reason += ": no space left on device"
     return OSError(err.errno or _errno.EIO, f"{reason} (writing it failed; finished videos are "
                    "kept: free space or fix the disk, then rerun the same command)", str(path))
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of `path` inside the block (h5py's OSError, or its RuntimeError of a
+    failed flush) into `write_error(path, ...)`; other errors pass unchanged."""
+    import errno as _errno
+
+    try:
+        yield
+    except OSError as err:
+        if err.filename and err.errno == _errno.ENOSPC and "needs about" in str(err.strerror):
+            raise  # ensure_space's: said already, nothing half-written
+        raise write_error(path, err) from err
+    except RuntimeError as err:
+        text = str(err)
+        if "write failed" in text or "flush" in text.lower():
+            raise write_error(path, OSError(_errno.EIO, text)) from err
+        raise
+
+
+def hdf5_write_failed() -> bool:
+    """True once a write failed inside HDF5 in this process. HDF5 then may crash when it closes
+    its files at exit (a segfault after the error line), so the CLI ends such a process with
+    `os._exit` once the message is out; nothing finished depends on those files."""
+    return bool(_HDF5_FAILED)
 
 
 def unique_tmp(path: Path) -> Path:
@@ -159,3 +199,27 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
+
+
+RESERVE_BYTES = 1 << 20  # room HDF5 needs to close a file cleanly (its metadata)
+
+
+def ensure_space(path: Path, nbytes: int) -> None:
+    """Raise OSError(ENOSPC) naming `path` when its disk has less than `nbytes` (plus a small
+    reserve) free, before anything is written.
+
+    HDF5 cannot recover from a write that fails inside it (the file stays half-flushed and the
+    library may crash at exit), so the long jobs check first; a failure that still happens (the
+    disk filled by someone else meanwhile) is reported the same way, and the CLI exits at once.
+    """
+    import errno as _errno
+    import shutil
+
+    path = Path(path)
+    folder = path.parent if path.parent.exists() else Path(".")
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + RESERVE_BYTES:
+        raise OSError(_errno.ENOSPC, f"No space left on device: writing it needs about "
+                      f"{(nbytes + RESERVE_BYTES) / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free "
+                      "(finished videos are kept: free space, then rerun the same command)",
+                      str(path))

@@ -24,7 +24,16 @@ from datp.extract.store.schema import (
     stored_attrs,
     write_videos,
 )
-from datp.io.atomic import atomic_path, commit, finished_parts, parts_dir, unique_tmp, write_error
+from datp.io.atomic import (
+    atomic_path,
+    commit,
+    ensure_space,
+    finished_parts,
+    parts_dir,
+    unique_tmp,
+    write_error,
+    writing,
+)
 from datp.io.datasets import safe_name
 
 
@@ -41,8 +50,10 @@ def write_part(out: Path, video_id: str, features: VideoFeatures, *, label: int 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{safe_name(video_id)}.h5"
     tmp = unique_tmp(path)
+    ensure_space(tmp, sum(np.asarray(c).nbytes + np.asarray(g).nbytes
+                          for c, g in features.streams.values()))
     try:
-        with h5py.File(tmp, "w") as f:
+        with writing(tmp), h5py.File(tmp, "w") as f:
             f.attrs["id"] = video_id
             f.attrs["label"] = int(label)
             f.attrs["split"] = str(split)
@@ -57,15 +68,23 @@ def write_part(out: Path, video_id: str, features: VideoFeatures, *, label: int 
                 f.create_dataset(key, data=value, chunks=value.shape if value.size else None,
                                  fletcher32=bool(value.size))
             f.flush()
-        check_part(tmp)  # a close that failed without saying so is caught here
-        commit(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise write_error(tmp, err) from err
+        _read_back(tmp)  # a close that failed without saying so is caught here
+        with writing(tmp):
+            commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _read_back(tmp: Path) -> None:
+    """Check a part just written; one that does not read back is a failed write."""
+    import errno
+
+    try:
+        check_part(tmp)
+    except StoreError as err:
+        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None
 
 
 def check_part(path: Path) -> str:
@@ -202,7 +221,10 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
         if bad:
             raise StoreError(f"video {bad[0][0]!r} has {bad[0][1]} segments; the store has {n}")
     shapes = _shapes(sources, streams)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    need = [Path(src) for kind, src in sources if kind == "part"] + (
+        [base] if base.is_file() and any(kind == "old" for kind, _ in sources) else [])
+    ensure_space(out, sum(p.stat().st_size for p in need) if final else 0)
+    with writing(out), atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
         f.attrs["index_only"] = not final
         write_videos(f, videos)
