@@ -45,6 +45,9 @@ def user_errors(fn):
             from datp.io.atomic import hdf5_write_failed
 
             if hdf5_write_failed():  # HDF5 may crash closing a file whose write failed: skip that
+                import multiprocessing.util
+
+                multiprocessing.util._exit_function()  # still stop workers and free semaphores
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)

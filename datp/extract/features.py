@@ -30,7 +30,7 @@ import torch
 
 from datp.extract import store as fstore
 from datp.extract.loader import FeatureConfig, VideoItems, flow_settings
-from datp.io.atomic import die_with_parent
+from datp.io.atomic import die_with_parent, isolated
 from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
 from datp.io.h5header import check_output
@@ -173,7 +173,10 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
         failure_log.close()
     summary.seconds = time.perf_counter() - start
     summary.units = images
-    build(final=not summary.interrupted)
+    if summary.interrupted:
+        build(final=False)
+    else:  # in a child process: HDF5 may crash if the disk fills meanwhile
+        isolated(build, final=True, out=out)
     return summary
 
 

@@ -24,6 +24,7 @@ from datp.io import datasets
 from datp.io.datasets import Dataset, Record, check_range, check_shard, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
 from datp.io.h5header import check_output
+from datp.io.atomic import isolated
 from datp.io.runner import FailureLog, Summary, run_jobs
 from datp.io.settings import check_settings, read_marker, write_marker
 
@@ -236,8 +237,10 @@ def _extract_flow(dataset, cfg, out, progress, missing) -> Summary:
     summary.skipped = len(records) - len(todo) - len(absent & {r.id for r in records})
     summary.failed[:0] = [(r.id, str(r.path), "video file not found")
                           for r in missing if r in records]
-    if cfg.format == "h5":
-        store.write_store(out, records, settings, final=not summary.interrupted)
+    if cfg.format == "h5" and summary.interrupted:
+        store.write_store(out, records, settings, final=False)
+    elif cfg.format == "h5":  # in a child process: HDF5 may crash if the disk fills meanwhile
+        isolated(store.write_store, out, records, settings, final=True, out=out)
     else:
         jpg.write_lists(out, records)
     return summary

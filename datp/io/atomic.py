@@ -80,7 +80,7 @@ def commit(tmp: Path, final: Path) -> None:
 _HDF5_FAILED = []  # files whose write failed inside HDF5 (see `hdf5_write_failed`)
 
 
-def write_error(path: Path, err: OSError, *, hdf5: bool = True) -> OSError:
+def write_error(path: Path, err: Exception, *, hdf5: bool = True) -> OSError:
     """An OSError naming `path` (h5py's often name no file), for the one-line message of a
     failed write (disk full, I/O error); what is finished stays on disk.
 
@@ -92,12 +92,16 @@ def write_error(path: Path, err: OSError, *, hdf5: bool = True) -> OSError:
 
     if hdf5:
         _HDF5_FAILED.append(str(path))
-    if err.filename and "writing it failed" in str(err.strerror):
+    strerror, code = getattr(err, "strerror", None), getattr(err, "errno", None)
+    if getattr(err, "filename", None) and "writing it failed" in str(strerror):
         return err  # made here already
-    reason = (err.strerror or str(err) or type(err).__name__).split(" (file write failed")[0]
-    if err.errno == _errno.ENOSPC and "space" not in reason:
+    text = strerror or str(err) or type(err).__name__
+    reason = text.split(" (file write failed")[0]
+    if "error message = '" in text:  # HDF5's message holds the system's reason
+        reason += ": " + text.split("error message = '", 1)[1].split("'", 1)[0]
+    if code == _errno.ENOSPC and "space" not in reason:
         reason += ": no space left on device"
-    return OSError(err.errno or _errno.EIO, f"{reason} (writing it failed; finished videos are "
+    return OSError(code or _errno.EIO, f"{reason} (writing it failed; finished videos are "
                    "kept: free space or fix the disk, then rerun the same command)", str(path))
 
 
@@ -223,3 +227,52 @@ def ensure_space(path: Path, nbytes: int) -> None:
                       f"{(nbytes + RESERVE_BYTES) / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free "
                       "(finished videos are kept: free space, then rerun the same command)",
                       str(path))
+
+
+def isolated(fn, *args, out: Path, **kwargs):
+    """`fn(*args, **kwargs)` in a spawned child process: for writing a whole store, where HDF5
+    can crash the process (a double free, a segfault) when a write fails inside it. The child's
+    exception is raised here; a child that dies is an OSError naming `out`.
+    """
+    import errno as _errno
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_main, args=(send, fn, args, kwargs), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            proc.join()
+            raise write_error(out, OSError(_errno.EIO, "the process writing it died (exit code "
+                                           f"{proc.exitcode})"), hdf5=False) from None
+        proc.join()
+    finally:
+        if proc.is_alive():  # interrupted here: the child's temporary file is never renamed
+            proc.terminate()
+            proc.join()
+    if kind == "err":
+        raise value
+    return value
+
+
+def _isolated_main(send, fn, args, kwargs) -> None:
+    import pickle
+
+    die_with_parent()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # HDF5's or libc's last words if it crashes: the parent says it in one line
+    try:
+        message = ("ok", fn(*args, **kwargs))
+    except BaseException as err:  # sent to the parent, which raises it
+        try:
+            pickle.dumps(err)
+            message = ("err", err)
+        except Exception:  # an exception that does not pickle: its text
+            message = ("err", OSError(getattr(err, "errno", None), str(err)))
+    send.send(message)
+    send.close()
+    os._exit(0)  # HDF5's exit handlers may crash after a failed write; the answer is out
