@@ -97,7 +97,10 @@ def content(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
-                found[name] = hashlib.sha256(np.ascontiguousarray(obj[()]).tobytes()).hexdigest()
+                data = obj[()]
+                raw = (repr(np.asarray(data).tolist()).encode() if np.asarray(data).dtype == object
+                       else np.ascontiguousarray(data).tobytes())  # strings by value, not pointer
+                found[name] = hashlib.sha256(raw).hexdigest()
             attrs = {k: v for k, v in obj.attrs.items() if k not in ("created", "settings", "path")}
             if "settings" in obj.attrs:
                 settings = json.loads(obj.attrs["settings"])

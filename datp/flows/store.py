@@ -12,13 +12,15 @@ Layout (schema 1), one file:
     `fps`, `height`, `width` (flow size), `source_height`, `source_width`, `rotation`, `scale`
     (flow size / upright source size, per axis (sy, sx)), `bound`, `algorithm`, `preset`, `codec`.
 While a run is in progress (or after a kill), each finished video lives in its own part file
-`<out>.parts/<safe name>.h5` (the group above at `/video`), and `<out>` is a small index whose
-groups are external links to the parts, rewritten atomically; at the end the parts are copied
-(raw chunks, no recompression) into one self-contained `<out>` and removed.
+`<out>.parts/<safe name>.h5` (the group above at `/video`, fletcher32 checksums), and `<out>` is
+a small index whose groups are external links to the parts, rewritten atomically; at the end the
+parts are copied (raw chunks, no recompression) into one self-contained `<out>` and removed.
+The store is the union of every run into it (see `write_store`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -27,16 +29,8 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from datp.io.atomic import (
-    atomic_path,
-    commit,
-    ensure_space,
-    finished_parts,
-    parts_dir,
-    unique_tmp,
-    write_error,
-    writing,
-)
+from datp.io.atomic import (atomic_path, commit, ensure_space, finished_parts, parts_dir,
+                             unique_tmp, write_bytes, write_error, writing)
 from datp.io.datasets import Record, safe_name
 from datp.io.h5header import StoreError, check_header, header, open_h5
 
@@ -45,8 +39,7 @@ KIND = "flow"
 
 
 __all__ = ["KIND", "SCHEMA", "FlowPartWriter", "FlowStore", "StoreError", "done_ids",
-           "check_part", "merge_stores", "open_for_update", "stored_settings", "verified_parts",
-           "write_store"]
+           "check_part", "merge_stores", "open_for_update", "stored_settings", "write_store"]
 
 
 def _file_attrs(settings: dict) -> dict:
@@ -192,28 +185,19 @@ def _is_final(out: Path) -> bool:
             _is_link(f["videos"], n) for n in f.get("videos", {}))
 
 
-def verified_parts(out: Path, report=None) -> dict[str, Path]:
-    """The finished parts of the store `out` that pass `check_part`, by file stem.
-
-    A damaged part is removed (its video is redone) and named through `report(message)`.
-    """
-    good = {}
-    for stem, path in finished_parts(parts_dir(out)).items():
+def done_ids(out: Path, report=None) -> set[str]:
+    """Ids of videos already finished for the store `out` (in its parts, base or final file).
+    Each part is checked (`check_part`): a damaged one is removed (its video is redone) and named
+    through `report(message)`."""
+    out = Path(out)
+    ids = set()
+    for path in finished_parts(parts_dir(out)).values():
         try:
-            check_part(path)
-            good[stem] = path
+            ids.add(check_part(path))
         except StoreError as err:
             path.unlink(missing_ok=True)
             if report is not None:
                 report(f"{err}; removed, its video is redone")
-    return good
-
-
-def done_ids(out: Path, report=None) -> set[str]:
-    """Ids of videos already finished for the store `out` (in its parts, base or final file);
-    damaged parts are removed and reported (`verified_parts`)."""
-    out = Path(out)
-    ids = {_part_id(path) for path in verified_parts(out, report).values()}
     for path in (parts_dir(out) / BASE_NAME, out):
         if path.is_file() and (path != out or _is_final(out)):
             with h5py.File(path, "r") as f:
@@ -228,11 +212,6 @@ def stored_settings(out: Path) -> dict:
         if not len(f.get("videos", {})):
             return {}
         return json.loads(f.attrs.get("settings", "{}"))
-
-
-def _part_id(path: Path) -> str:
-    with h5py.File(path, "r") as f:
-        return str(f["video"].attrs["id"])
 
 
 def open_for_update(out: Path) -> None:
@@ -273,29 +252,31 @@ def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: 
     base = h5py.File(base_path, "r") if base_path.is_file() else None
     # HDF5 lists a group's members by name, so the order of the union needs no care here
     names = sorted(set(parts) | set(base["videos"] if base is not None else ()))
-    if final:  # the parts' and the base's chunks are copied as they are
-        ensure_space(out, sum(p.stat().st_size for p in parts.values())
-                     + (base_path.stat().st_size if base is not None else 0))
-    else:
-        ensure_space(out, 0)
+    # final: the parts' and the base's chunks are copied as they are; an index is small
+    ensure_space(out, sum(p.stat().st_size for p in parts.values())
+                 + (base_path.stat().st_size if base is not None else 0) if final else 0)
+    image = None if final else io.BytesIO()  # an index is built in memory (write_bytes)
     count = 0
     try:
-        with writing(out), atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(_file_attrs(settings))
-            videos = f.create_group("videos")
-            for name in names:
-                if name in parts:
-                    source, file, path = parts[name], None, "/video"
-                else:
-                    source, file, path = base_path, base, f"/videos/{name}"
-                if not final:
-                    videos[name] = h5py.ExternalLink(os.path.relpath(source, out.parent), path)
-                elif file is not None:
-                    file.copy(file[path], videos, name=name)
-                else:
-                    with h5py.File(source, "r") as part:
-                        part.copy(part[path], videos, name=name)
-                count += 1
+        with writing(out), atomic_path(out) as tmp:
+            with h5py.File(tmp if final else image, "w") as f:
+                f.attrs.update(_file_attrs(settings))
+                videos = f.create_group("videos")
+                for name in names:
+                    if name in parts:
+                        source, file, path = parts[name], None, "/video"
+                    else:
+                        source, file, path = base_path, base, f"/videos/{name}"
+                    if not final:
+                        videos[name] = h5py.ExternalLink(os.path.relpath(source, out.parent), path)
+                    elif file is not None:
+                        file.copy(file[path], videos, name=name)
+                    else:
+                        with h5py.File(source, "r") as part:
+                            part.copy(part[path], videos, name=name)
+                    count += 1
+            if not final:
+                write_bytes(tmp, image.getbuffer())
     finally:
         if base is not None:
             base.close()

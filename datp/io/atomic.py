@@ -276,3 +276,20 @@ def _isolated_main(send, fn, args, kwargs) -> None:
     send.send(message)
     send.close()
     os._exit(0)  # HDF5's exit handlers may crash after a failed write; the answer is out
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it; a failure is an OSError naming `path`.
+
+    Small HDF5 files (parts of features, the index of a running store) are built in memory
+    (`h5py.File(io.BytesIO())`) and written with this: HDF5 never sees a failing disk, which it
+    cannot recover from.
+    """
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        Path(path).unlink(missing_ok=True)
+        raise write_error(path, err, hdf5=False) from err

@@ -5,6 +5,7 @@ See `datp.extract.store` for the layout and the crash-safety rules.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from datp.io.atomic import (
     finished_parts,
     parts_dir,
     unique_tmp,
+    write_bytes,
     write_error,
     writing,
 )
@@ -52,8 +54,9 @@ def write_part(out: Path, video_id: str, features: VideoFeatures, *, label: int 
     tmp = unique_tmp(path)
     ensure_space(tmp, sum(np.asarray(c).nbytes + np.asarray(g).nbytes
                           for c, g in features.streams.values()))
+    image = io.BytesIO()  # built in memory: HDF5 never meets a failing disk (see write_bytes)
     try:
-        with writing(tmp), h5py.File(tmp, "w") as f:
+        with h5py.File(image, "w") as f:
             f.attrs["id"] = video_id
             f.attrs["label"] = int(label)
             f.attrs["split"] = str(split)
@@ -67,7 +70,7 @@ def write_part(out: Path, video_id: str, features: VideoFeatures, *, label: int 
             for key, value in data.items():
                 f.create_dataset(key, data=value, chunks=value.shape if value.size else None,
                                  fletcher32=bool(value.size))
-            f.flush()
+        write_bytes(tmp, image.getbuffer())
         _read_back(tmp)  # a close that failed without saying so is caught here
         with writing(tmp):
             commit(tmp, path)
@@ -224,51 +227,55 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
     need = [Path(src) for kind, src in sources if kind == "part"] + (
         [base] if base.is_file() and any(kind == "old" for kind, _ in sources) else [])
     ensure_space(out, sum(p.stat().st_size for p in need) if final else 0)
-    with writing(out), atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(attrs)
-        f.attrs["index_only"] = not final
-        write_videos(f, videos)
-        f["done"] = lengths > 0
-        if ragged:
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            f["segments/offset"], f["segments/length"] = offsets, lengths
-            rows = [slice(o, o + m) for o, m in zip(offsets, lengths)]
-            total = (int(lengths.sum()),)
-        else:
-            rows = list(range(len(videos)))
-            total = (len(videos), int(attrs["num_segments"]))
-        fields = [("segments/t", "t", (), np.float32), ("segments/frame", "frame", (), np.int64)]
-        for stream in streams:
-            fields += [(f"{stream}/conv", f"{stream}/conv", shapes[stream][0], np.float16),
-                       (f"{stream}/logits", f"{stream}/logits", shapes[stream][1], np.float32)]
-        for dest, key, tail, dtype in fields:
-            shape = total + tuple(tail)
-            if final:
-                chunks = True  # h5py picks; conv: one video per chunk (a block of segments if ragged)
-                if key.endswith("conv"):
-                    chunks = ((max(1, min(int(lengths.max(initial=1)), 64)),) + tuple(tail)
-                              if ragged else (1,) + shape[1:])
-                ds = f.create_dataset(dest, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None,
-                                      compression="gzip" if key.endswith("conv") else None,
-                                      compression_opts=1 if key.endswith("conv") else None)
-                for (kind, src), row, m in zip(sources, rows, lengths):
-                    if m:
-                        ds[row] = _read(kind, src, key)
+    image = None if final else io.BytesIO()  # the index is small: built in memory (write_bytes)
+    with writing(out), atomic_path(out) as tmp:
+        with h5py.File(tmp if final else image, "w") as f:
+            f.attrs.update(attrs)
+            f.attrs["index_only"] = not final
+            write_videos(f, videos)
+            f["done"] = lengths > 0
+            if ragged:
+                offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                f["segments/offset"], f["segments/length"] = offsets, lengths
+                rows = [slice(o, o + m) for o, m in zip(offsets, lengths)]
+                total = (int(lengths.sum()),)
             else:
-                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-                for (kind, src), row, m in zip(sources, rows, lengths):
-                    if m and kind == "part":
-                        # HDF5 reads '%' in source names as a printf field: escape it.
-                        source = str(Path(src).resolve()).replace("%", "%%")
-                        layout[row] = h5py.VirtualSource(source, key,
-                                                         shape=(int(m),) + tuple(tail))
-                    elif m and kind == "old":
-                        source = str(Path(src.path).resolve()).replace("%", "%%")
-                        whole = h5py.VirtualSource(source, dest, shape=src.shapes[dest])
-                        layout[row] = whole[src.rows]
-                    elif m:
-                        raise StoreError("in-memory features need final=True")
-                f.create_virtual_dataset(dest, layout, fillvalue=0)
+                rows = list(range(len(videos)))
+                total = (len(videos), int(attrs["num_segments"]))
+            fields = [("segments/t", "t", (), np.float32), ("segments/frame", "frame", (), np.int64)]
+            for stream in streams:
+                fields += [(f"{stream}/conv", f"{stream}/conv", shapes[stream][0], np.float16),
+                           (f"{stream}/logits", f"{stream}/logits", shapes[stream][1], np.float32)]
+            for dest, key, tail, dtype in fields:
+                shape = total + tuple(tail)
+                if final:
+                    chunks = True  # h5py picks; conv: one video per chunk (a block of segments if ragged)
+                    if key.endswith("conv"):
+                        chunks = ((max(1, min(int(lengths.max(initial=1)), 64)),) + tuple(tail)
+                                  if ragged else (1,) + shape[1:])
+                    ds = f.create_dataset(dest, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None,
+                                          compression="gzip" if key.endswith("conv") else None,
+                                          compression_opts=1 if key.endswith("conv") else None)
+                    for (kind, src), row, m in zip(sources, rows, lengths):
+                        if m:
+                            ds[row] = _read(kind, src, key)
+                else:
+                    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                    for (kind, src), row, m in zip(sources, rows, lengths):
+                        if m and kind == "part":
+                            # HDF5 reads '%' in source names as a printf field: escape it.
+                            source = str(Path(src).resolve()).replace("%", "%%")
+                            layout[row] = h5py.VirtualSource(source, key,
+                                                             shape=(int(m),) + tuple(tail))
+                        elif m and kind == "old":
+                            source = str(Path(src.path).resolve()).replace("%", "%%")
+                            whole = h5py.VirtualSource(source, dest, shape=src.shapes[dest])
+                            layout[row] = whole[src.rows]
+                        elif m:
+                            raise StoreError("in-memory features need final=True")
+                    f.create_virtual_dataset(dest, layout, fillvalue=0)
+        if not final:
+            write_bytes(tmp, image.getbuffer())
     if final:
         shutil.rmtree(parts_dir(out), ignore_errors=True)
     return int((lengths > 0).sum())
