@@ -65,6 +65,7 @@ def main() -> int:
             cases = [
                 (f"kill -9 at {args.kills} seeded moments (seed {args.seed})",
                  lambda: fi.kill9(kind, lists, folder, kills=args.kills, seed=args.seed)),
+                ("SIGTERM mid-run", lambda: fi.sigterm(kind, lists, folder)),
                 ("two runs on one --out", lambda: fi.concurrent(kind, lists, folder)),
                 ("final store write fails (EFBIG in HDF5)",
                  lambda: fi.disk_full(kind, lists, folder, where="store")),

@@ -36,6 +36,7 @@ COMMON = {
                  "--batch-size", "4", "--quiet"],
 }
 COMMAND = {"flow": "extract-flow", "features": "extract-features"}
+PART_LIMIT = {"flow": 10_000, "features": 30_000}  # bytes: index < limit < part
 
 
 @dataclass
@@ -197,6 +198,35 @@ def kill9(kind: str, lists: dict, folder: Path, *, kills: int = 5, seed: int = 0
                    f"({'; '.join(landed)}); no worker outlived its parent")
 
 
+def sigterm(kind: str, lists: dict, folder: Path) -> Outcome:
+    """SIGTERM to the parent mid-run (a cluster's time limit): exit 130 with one line, no process
+    of the job left, and the rerun equals the uninterrupted run."""
+    ref = reference(kind, lists, folder)
+    out = folder / f"term-{kind}.h5"
+    parts_dir = Path(f"{out}.parts")
+    proc = start(kind, lists["all"], out)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not list(parts_dir.glob("*.h5")):
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        return Outcome(False, f"the run ended (exit {proc.returncode}) before a part appeared")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    deadline = time.time() + 10
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    if _group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+        return Outcome(False, "a process of the job outlived SIGTERM")
+    if proc.returncode != 130 or "Traceback" in err:
+        return Outcome(False, f"exit {proc.returncode}: {err.strip()[-300:]}")
+    code, err2 = run(kind, lists["all"], out)
+    if code != 0:
+        return Outcome(False, f"rerun exit {code}: {err2.strip()[-300:]}")
+    result = same(out, ref)
+    return Outcome(result.ok, f"exit 130, no process left; rerun {result.detail}")
+
+
 def concurrent(kind: str, lists: dict, folder: Path) -> Outcome:
     """Two runs on one output at once: one is refused with one line, the other's output whole."""
     ref = reference(kind, lists, folder)
@@ -219,10 +249,12 @@ def disk_full(kind: str, lists: dict, folder: Path, *, where: str) -> Outcome:
     written: one line, exit 2, the parts kept; the rerun without the limit equals the
     uninterrupted run."""
     ref = reference(kind, lists, folder)
-    limit = ref.stat().st_size // 2 if where == "store" else 4096
+    # "part": above the size of a running store's index, below a part's (make_dataset's clips)
+    limit = ref.stat().st_size // 2 if where == "store" else PART_LIMIT[kind]
     out = folder / f"full-{where}-{kind}.h5"
     code, err = run(kind, lists["all"], out, file_limit=limit)
-    if code != 2 or not _one_line(err) or "Traceback" in err:
+    if code != 2 or not _one_line(err) or "Traceback" in err or (
+            where == "part" and ".parts/" not in err):
         return Outcome(False, f"exit {code}, stderr {err.strip()[-300:]!r}")
     kept = len(list(Path(f"{out}.parts").glob("*.h5")))
     code, err2 = run(kind, lists["all"], out)

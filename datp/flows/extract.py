@@ -21,10 +21,10 @@ import numpy as np
 from datp.flows.compute import FlowComputer, set_single_thread
 from datp.flows.quantize import quantize
 from datp.io import datasets
+from datp.io.atomic import isolated
 from datp.io.datasets import Dataset, Record, check_range, check_shard, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
 from datp.io.h5header import check_output
-from datp.io.atomic import isolated
 from datp.io.runner import FailureLog, Summary, run_jobs
 from datp.io.settings import check_settings, read_marker, write_marker
 

@@ -24,13 +24,19 @@ def test_reruns_with_other_lists_keep_every_video(data):
 
 
 @pytest.mark.slow
+def test_sigterm_ends_every_process_of_the_job_and_the_rerun_equals_a_clean_run(data):
+    check(fi.sigterm("features", data[1], data[0]))
+
+
+@pytest.mark.slow
 def test_two_writers_one_is_refused_the_other_whole(data):
     check(fi.concurrent("features", data[1], data[0]))
 
 
 @pytest.mark.slow
-def test_a_failed_write_is_one_line_and_the_rerun_equals_a_clean_run(data):
-    check(fi.disk_full("features", data[1], data[0], where="store"))
+@pytest.mark.parametrize("where", ["store", "part"])
+def test_a_failed_write_is_one_line_and_the_rerun_equals_a_clean_run(data, where):
+    check(fi.disk_full("features", data[1], data[0], where=where))
 
 
 @pytest.mark.slow

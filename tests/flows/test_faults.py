@@ -25,6 +25,10 @@ def test_reruns_with_other_lists_keep_every_video(data):
     check(fi.union("flow", data[1], data[0]))
 
 
+def test_sigterm_ends_every_process_of_the_job_and_the_rerun_equals_a_clean_run(data):
+    check(fi.sigterm("flow", data[1], data[0]))
+
+
 def test_two_writers_one_is_refused_the_other_whole(data):
     check(fi.concurrent("flow", data[1], data[0]))
 
