@@ -4,7 +4,7 @@ damaged parts, reruns with other lists) and checks the promise of docs/architect
 of long jobs"): nothing finished is lost, nothing is mixed, and the rerun's store equals an
 uninterrupted run's, byte for byte.
 
-Used by tests/flows/test_faults.py, tests/extract/test_faults.py and bench/faults.py (which prints
+Used by tests/flows/test_flow_faults.py, tests/extract/test_feature_faults.py and bench/faults.py (which prints
 the table). A plain helper module beside datp_testing.py. Every case returns `Outcome(ok, detail)`.
 """
 
