@@ -252,7 +252,10 @@ def disk_full(kind: str, lists: dict, folder: Path, *, where: str) -> Outcome:
     # "part": above the size of a running store's index, below a part's (make_dataset's clips)
     limit = ref.stat().st_size // 2 if where == "store" else PART_LIMIT[kind]
     out = folder / f"full-{where}-{kind}.h5"
-    code, err = run(kind, lists["all"], out, file_limit=limit)
+    # the limit holds for child processes too: DataLoader workers, whose tensors travel through
+    # shared-memory files, would stall on it; with --workers 0 they decode in the main process
+    extra = ["--workers", "0"] if kind == "features" and where == "part" else []
+    code, err = run(kind, lists["all"], out, *extra, file_limit=limit, timeout=300)
     if code != 2 or not _one_line(err) or "Traceback" in err or (
             where == "part" and ".parts/" not in err):
         return Outcome(False, f"exit {code}, stderr {err.strip()[-300:]!r}")
