@@ -184,7 +184,18 @@ PREFETCH = 4  # videos each DataLoader worker prepares ahead
 
 
 def _worker_init(_worker_id: int) -> None:
+    import multiprocessing.queues
+
     die_with_parent()
+    # When the run stops (Ctrl-C, SIGTERM, an error) the parent closes the queues while a worker
+    # may still be sending a video: its feeder thread's BrokenPipeError is expected, not news.
+    report = multiprocessing.queues.Queue._on_queue_feeder_error
+
+    def quiet(err, obj):
+        if not isinstance(err, BrokenPipeError):
+            report(err, obj)
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(quiet)
 
 
 def _loader(items: VideoItems, indices: list[int], workers: int):
