@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -41,6 +42,15 @@ def user_errors(fn):
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             click.echo(f"datp: error: {where}{err.strerror or err}", err=True)
+            from datp.io.atomic import hdf5_write_failed
+
+            if hdf5_write_failed():  # HDF5 may crash closing a file whose write failed: skip that
+                import multiprocessing.util
+
+                multiprocessing.util._exit_function()  # still stop workers and free semaphores
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
         except KeyboardInterrupt as err:
             what = "terminated (SIGTERM)" if err.args == ("SIGTERM",) else "interrupted"

@@ -13,7 +13,9 @@ D = defaults(FlowConfig)
 
 
 @click.command("extract-flow", epilog=SOURCE_HELP + " Exit codes: 0 all videos done; "
-               "3 some videos failed (listed in OUT.failures.csv); 2 bad input; 130 interrupted.")
+               "3 some videos failed (listed in OUT.failures.csv); 2 bad input, another process writing OUT, "
+               "or a failed write such as a full disk (one line; finished videos are kept); "
+               "130 interrupted. Rerunning with another list adds to OUT, never replaces it.")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="HDF5 flow store (--format h5) or output folder (--format jpg).")

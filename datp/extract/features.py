@@ -19,7 +19,9 @@ RGB alone, TSN's RGB sampling is used (L = 1) and `segments/frame` is the RGB fr
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +30,12 @@ import torch
 
 from datp.extract import store as fstore
 from datp.extract.loader import FeatureConfig, VideoItems, flow_settings
+from datp.io.atomic import die_with_parent, isolated
 from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
+from datp.io.h5header import check_output
 from datp.io.runner import FailureLog, Summary
-from datp.io.settings import check_settings, marked_settings
+from datp.io.settings import check_settings, read_marker, write_marker
 
 __all__ = ["FeatureConfig", "VideoItems", "extract_features", "load_models", "shard_out"]
 
@@ -83,19 +87,36 @@ def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = T
                      missing: list[Record] = ()) -> Summary:
     """Extract features for every video of `dataset` (this shard's part), skipping done ones.
 
+    One process writes a store at a time (`datp.io.atomic.output_lock`); an existing `out` of
+    another kind, or a file datp did not write, is refused. The store is the union of every run
+    into it (`datp.extract.store.build_store(union=True)`).
+
     Returns:
         The run's Summary (failures also in `<out>.failures.csv`).
     """
-    from tqdm import tqdm
+    from datp.io.atomic import output_lock
 
     out = shard_out(cfg.out, cfg.shard)
+    check_output(out, kind=fstore.KIND, noun="feature store")
+    with output_lock(out):
+        return _extract(dataset, cfg, out, progress, missing)
+
+
+def _note(message: str) -> None:
+    print(f"datp: warning: {message}", file=sys.stderr)
+
+
+def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
+             missing: list[Record]) -> Summary:
+    from tqdm import tqdm
+
     records = shard_records(dataset.records, *cfg.shard)
     flow = flow_settings(cfg) if "flow" in cfg.streams else {}
     models, info = load_models(cfg, dataset.class_names)
     attrs = _store_attrs(cfg, dataset.class_names, info, flow)
-    _check_same_run(out, attrs)
+    mark = _check_same_run(out, attrs)
     rows = [fstore.VideoRow(r.id, r.label, r.split) for r in records]
-    finished = fstore.done_ids(out)
+    finished = fstore.done_ids(out, report=_note)
     absent = {r.id for r in missing}
     todo = [r for r in records if r.id not in finished and r.id not in absent]
     summary = Summary(skipped=len(records) - len(todo) - len(absent & {r.id for r in records}))
@@ -109,11 +130,9 @@ def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = T
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
-    fstore.build_store(out, rows, attrs, cfg.streams, final=False)
-    loader = torch.utils.data.DataLoader(
-        VideoItems(todo, cfg, flow), batch_size=None, shuffle=False, num_workers=cfg.workers,
-        collate_fn=_identity, multiprocessing_context="spawn" if cfg.workers else None,
-        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+    build = functools.partial(fstore.build_store, out, rows, attrs, cfg.streams, union=True)
+    build(final=False)
+    items = _items(todo, cfg, flow)
     bar = tqdm(total=len(todo), unit="video", desc="extract-features", disable=not progress,
                dynamic_ncols=True)
     start = last_index = time.perf_counter()
@@ -126,16 +145,17 @@ def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = T
             _forward(pending, models, device, cfg.batch_size)
             while pending and _complete(pending[0], cfg.streams):
                 done = pending.pop(0)
+                mark()  # settings bind the store from its first finished video on
                 images += _write(out, done, cfg)
                 summary.done += 1
                 bar.update(1)
                 bar.set_postfix_str(f"{images / (time.perf_counter() - start):.1f} images/s")
             if time.perf_counter() - last_index > INDEX_SECONDS:
-                fstore.build_store(out, rows, attrs, cfg.streams, final=False)
+                build(final=False)
                 last_index = time.perf_counter()
 
     try:
-        for item in loader:
+        for item in items:
             record = todo[item["i"]]
             if not item["ok"]:
                 failure_log.add(record, item["reason"])
@@ -148,12 +168,76 @@ def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = T
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
+        items.close()  # stops the DataLoader workers now, also on an error
         bar.close()
         failure_log.close()
     summary.seconds = time.perf_counter() - start
     summary.units = images
-    fstore.build_store(out, rows, attrs, cfg.streams, final=not summary.interrupted)
+    if summary.interrupted:
+        build(final=False)
+    else:  # in a child process: HDF5 may crash if the disk fills meanwhile
+        isolated(build, final=True, out=out)
     return summary
+
+
+PREFETCH = 4  # videos each DataLoader worker prepares ahead
+
+
+def _worker_init(_worker_id: int) -> None:
+    import multiprocessing.queues
+
+    die_with_parent()
+    # When the run stops (Ctrl-C, SIGTERM, an error) the parent closes the queues while a worker
+    # may still be sending a video: its feeder thread's BrokenPipeError is expected, not news.
+    report = multiprocessing.queues.Queue._on_queue_feeder_error
+
+    def quiet(err, obj):
+        if not isinstance(err, BrokenPipeError):
+            report(err, obj)
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(quiet)
+
+
+def _loader(items: VideoItems, indices: list[int], workers: int):
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(items, indices), batch_size=None, shuffle=False,
+        num_workers=workers, collate_fn=_identity, worker_init_fn=_worker_init if workers else None,
+        multiprocessing_context="spawn" if workers else None,
+        prefetch_factor=PREFETCH if workers else None, persistent_workers=False)
+
+
+def _worker_died(err: RuntimeError) -> bool:
+    return "DataLoader worker" in str(err)
+
+
+def _items(todo: list[Record], cfg: FeatureConfig, flow: dict):
+    """The prepared items of `todo`, in order. A video whose worker process dies (a crash in
+    native code, an OOM kill) is yielded as failed and the rest goes on, as in extract-flow:
+    after a death, each video the dead pool may have held is redone alone in a fresh worker."""
+    dataset = VideoItems(todo, cfg, flow)
+    remaining = list(range(len(todo)))
+    while remaining:
+        got = set()
+        try:
+            for item in _loader(dataset, remaining, cfg.workers):
+                got.add(item["i"])
+                yield item
+            return
+        except RuntimeError as err:
+            if not _worker_died(err):
+                raise
+        remaining = [i for i in remaining if i not in got]
+        suspects = remaining[:cfg.workers * (PREFETCH + 1)]
+        for i in suspects:
+            try:
+                item = next(iter(_loader(dataset, [i], 1)))
+            except RuntimeError as err:
+                if not _worker_died(err):
+                    raise
+                item = {"i": i, "ok": False, "reason": "worker process died while decoding or "
+                        f"computing this video ({err})".replace("\n", " ")}
+            yield item
+        remaining = remaining[len(suspects):]
 
 
 def _queued(pending: list[_Pending]) -> int:
@@ -213,20 +297,27 @@ def _write(out: Path, p: _Pending, cfg: FeatureConfig) -> int:
         # average the K views of each segment -> (n, Cf, h, w) and (n, C)
         streams[stream] = (conv.mean(1).numpy(), logits.view(n, k, -1).mean(1).numpy())
     fstore.write_part(out, p.record.id, fstore.VideoFeatures(
-        p.item["t"], p.item["frame"], streams, p.item["num_frames"], p.item["fps"]))
+        p.item["t"], p.item["frame"], streams, p.item["num_frames"], p.item["fps"]),
+        label=p.record.label, split=p.record.split)
     return images
 
 
 SETTINGS_ONLY = ("settings", "created", "datp_version", "index_only")  # may differ in a rerun
 
 
-def _check_same_run(out: Path, attrs: dict) -> None:
-    """Refuse to mix features of other settings into an existing store or its parts."""
+def _check_same_run(out: Path, attrs: dict):
+    """Refuse to mix features of other settings into an existing store or its parts.
+
+    Returns:
+        `mark()`: records the settings (the marker in the parts folder); called before the first
+        video is written, so a run that fails every video binds no later run.
+    """
     from datp.io.atomic import parts_dir
 
     key = {k: v for k, v in attrs.items() if k not in SETTINGS_ONLY}
     marker = parts_dir(out) / "settings.json"
-    same = {"what": "features", "ignore": SETTINGS_ONLY}
-    if not marker.is_file():
-        check_settings(out, fstore.stored_attrs(out), key, **same)
-    marked_settings(marker, key, where=out, **same)
+    old = read_marker(marker)
+    if old is None:  # no marker: a finished store (or its base) with videos in it binds
+        old = fstore.finished_attrs(out)
+    check_settings(out, old, key, what="features", ignore=SETTINGS_ONLY)
+    return lambda: write_marker(marker, key)

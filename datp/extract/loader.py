@@ -13,7 +13,7 @@ import torch
 
 from datp.extract.sampling import frame_indices, segment_indices, segment_times, stride_indices
 from datp.extract.transforms import flow_to_tensor, rgb_to_tensor
-from datp.io.datasets import Record
+from datp.io.datasets import Record, check_range, check_shard
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,18 @@ class FeatureConfig:
             raise ValueError(f"stride {self.stride} must be >= 1")
         if self.num_segments < 1:
             raise ValueError(f"segments {self.num_segments} must be >= 1")
+        check_range("new_length", self.new_length, 1, "flow pairs per segment")
+        check_range("input_size", self.input_size, 1, "the crop, e.g. 224")
+        check_range("resize", self.resize, self.input_size, "the short side before the crop")
+        check_range("batch_size", self.batch_size, 1)
+        check_range("workers", self.workers, 0, "0 decodes in the main process")
+        check_range("short_side", self.short_side, 0, "0 keeps the source size")
+        check_range("flow_short_side", self.flow_short_side, 0, "0 keeps the source size")
+        if not self.flow_bound > 0:
+            raise ValueError(f"bound {self.flow_bound} must be > 0 pixels")
+        if self.flow_size is not None and (len(self.flow_size) != 2 or min(self.flow_size) < 1):
+            raise ValueError(f"flow size {self.flow_size} must be W x H, both >= 1")
+        check_shard(self.shard)
 
 
 def flow_settings(cfg: FeatureConfig) -> dict:

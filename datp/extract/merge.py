@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from datp.io.h5header import store_kind
+from datp.io.h5header import StoreError, store_kind
 
 
 def merge_stores(inputs: Sequence[str | Path], out: str | Path, *, copy: bool = False) -> int:
@@ -23,8 +23,21 @@ def merge_stores(inputs: Sequence[str | Path], out: str | Path, *, copy: bool = 
 
     Raises:
         ValueError: the first input is neither a flow nor a feature store.
+        StoreError: an input is not a store file, or `out` exists or is an input (never
+            overwritten).
     """
-    inputs = [Path(p) for p in inputs]
+    inputs, out = [Path(p) for p in inputs], Path(out)
+    if not inputs:
+        raise ValueError("no input stores given")
+    for path in inputs:
+        if not path.is_file():
+            raise StoreError(f"{path} is {'a folder' if path.is_dir() else 'missing'}; merge "
+                             "takes store files (e.g. out.shard0of2.h5 out.shard1of2.h5)")
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise StoreError(f"--out {out} is one of the inputs; write the merged store elsewhere")
+    if out.exists():
+        raise StoreError(f"--out {out} exists; datp merge never overwrites: remove it or choose "
+                         "another --out")
     kind = store_kind(inputs[0])
     if kind == "features":
         from datp.extract.store import merge_feature_stores as merge

@@ -10,6 +10,7 @@ jpg folder (`datp.flows.jpg`). See docs/architecture.md for the guarantees.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +21,12 @@ import numpy as np
 from datp.flows.compute import FlowComputer, set_single_thread
 from datp.flows.quantize import quantize
 from datp.io import datasets
-from datp.io.datasets import Dataset, Record, shard_records
+from datp.io.atomic import isolated
+from datp.io.datasets import Dataset, Record, check_range, check_shard, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
+from datp.io.h5header import check_output
 from datp.io.runner import FailureLog, Summary, run_jobs
-from datp.io.settings import check_settings, marked_settings
+from datp.io.settings import check_settings, read_marker, write_marker
 
 CHUNK_PAIRS = 16  # flow pairs per message from a worker: bounds memory for hour-long videos
 INDEX_SECONDS = 10.0  # how often the store's index is rewritten during a run
@@ -69,6 +72,12 @@ class FlowConfig:
             raise ValueError(f"format {self.format!r} must be h5 or jpg")
         if self.workers < 1:
             raise ValueError(f"workers {self.workers} must be >= 1")
+        check_range("short_side", self.short_side, 0, "0 keeps the source size")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise ValueError(f"size {self.size} must be W x H, both >= 1")
+        if not self.bound > 0:
+            raise ValueError(f"bound {self.bound} must be > 0 pixels")
+        check_shard(self.shard)
         if self.rgb and self.format != "jpg":
             raise ValueError("--rgb writes img_00001.jpg frames and needs --format jpg")
         FlowComputer(algorithm=self.algorithm, preset=self.preset, backend=self.backend,
@@ -149,6 +158,10 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
                  missing: list[Record] = ()) -> Summary:
     """Compute flow for every video of `dataset` (this shard's part), skipping finished ones.
 
+    One process writes an output at a time (`datp.io.atomic.output_lock`); an existing output
+    of another kind, or a file datp did not write, is refused. The store (or the jpg lists) is
+    the union of every run into it.
+
     Args:
         dataset: the videos.
         cfg: the settings.
@@ -158,28 +171,50 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
     Returns:
         The run's Summary (failures are also in `<out>.failures.csv`).
     """
+    from datp.flows import jpg, store
+    from datp.io.atomic import lock_path, output_lock
+
+    out = datasets.shard_out(cfg.out, cfg.shard, shared=cfg.format == "jpg")
+    lock = lock_path(out)
+    if cfg.format == "jpg" and cfg.shard[1] > 1:  # shards share the folder, each has a lock
+        lock = out.with_name(f"{out.name}.shard{cfg.shard[0]}of{cfg.shard[1]}.lock")
+    if cfg.format == "h5":
+        check_output(out, kind=store.KIND, noun="flow store")
+    else:
+        jpg.check_output(out)
+    with output_lock(out, lock):
+        return _extract_flow(dataset, cfg, out, progress, missing)
+
+
+def _note(message: str) -> None:
+    print(f"datp: warning: {message}", file=sys.stderr)
+
+
+def _extract_flow(dataset, cfg, out, progress, missing) -> Summary:
     from tqdm import tqdm
 
     from datp.flows import jpg, store
+    from datp.io.atomic import parts_dir
 
-    out = datasets.shard_out(cfg.out, cfg.shard, shared=cfg.format == "jpg")
     records = shard_records(dataset.records, *cfg.shard)
     settings = cfg.settings()
     same = {"what": "flow", "ignore": RUN_ONLY}
     if cfg.format == "h5":
-        from datp.io.atomic import parts_dir
-
-        marked_settings(parts_dir(out) / "settings.json", settings, indent=2, **same)
-        if out.is_file():
-            check_settings(out, store.stored_settings(out), settings, **same)
-        finished = store.done_ids(out)
+        # settings are recorded when the first video is done, so a run that failed every video
+        # (a bad option) does not bind the corrected rerun
+        marker = parts_dir(out) / "settings.json"
+        check_settings(out, read_marker(marker) or (store.stored_settings(out) if out.is_file()
+                                                    else None), settings, **same)
+        finished = store.done_ids(out, report=_note)
         store.open_for_update(out)
         store.write_store(out, records, settings, final=False)
-        sink = store.FlowPartWriter(out)
+        sink = store.FlowPartWriter(out, on_first_done=lambda: write_marker(marker, settings))
     else:
-        marked_settings(out / jpg.SETTINGS_NAME, settings, indent=2, **same)
+        marker = out / jpg.SETTINGS_NAME
+        check_settings(out, read_marker(marker), settings, **same)
         finished = jpg.done_ids(out, records)
-        sink = jpg.JpgWriter(out, with_rgb=cfg.rgb)
+        sink = jpg.JpgWriter(out, with_rgb=cfg.rgb,
+                             on_first_done=lambda: write_marker(marker, settings))
     absent = {r.id for r in missing}
     todo = [r for r in records if r.id not in finished and r.id not in absent]
     failure_log = FailureLog(Path(f"{out}.failures.csv"))
@@ -210,9 +245,10 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
     summary.skipped = len(records) - len(todo) - len(absent & {r.id for r in records})
     summary.failed[:0] = [(r.id, str(r.path), "video file not found")
                           for r in missing if r in records]
-    if cfg.format == "h5":
-        store.write_store(out, records, settings, final=not summary.interrupted)
+    if cfg.format == "h5" and summary.interrupted:
+        store.write_store(out, records, settings, final=False)
+    elif cfg.format == "h5":  # in a child process: HDF5 may crash if the disk fills meanwhile
+        isolated(store.write_store, out, records, settings, final=True, out=out)
     else:
         jpg.write_lists(out, records)
     return summary
-

@@ -6,7 +6,10 @@ Layout under the output folder, for a video with id `<class>/<video>` and T deco
 - with `--rgb`, `<class>/<video>/img_00001.jpg` ... `img_{T:05d}.jpg`: the same resized frames;
 - `rgb_list.txt` / `flow_list.txt` (and per split, e.g. `flow_list_train.txt`): lines
   `<frame_dir> <total_frames> <label>` with the true counts (T images, T-1 flows), which
-  mmaction2's RawframeDataset and tsn-pytorch's TSNDataSet read directly.
+  mmaction2's RawframeDataset and tsn-pytorch's TSNDataSet read directly; they list every video
+  of the folder, from every run into it (other lists and shards too);
+- `datp_videos.jsonl`: one line (id, label, split) per video written, appended before its folder
+  is renamed into place, so the lists can be rebuilt whatever run wrote a video.
 A video's folder is written as `.<video>.tmp<pid>` and renamed when complete, so a folder that
 exists is whole.
 """
@@ -25,6 +28,7 @@ from datp.io.datasets import Record
 
 JPEG_QUALITY = 95  # denseflow's default
 SETTINGS_NAME = "datp_flow_settings.json"  # the run's settings, beside the video folders
+REGISTRY_NAME = "datp_videos.jsonl"  # every video written into the folder: id, label, split
 
 
 def stored_settings(out: Path) -> dict:
@@ -38,6 +42,23 @@ def stored_settings(out: Path) -> dict:
         raise ValueError(f"{out} has no {SETTINGS_NAME}; pass a folder written "
                          "by datp extract-flow --format jpg")
     return json.loads(marker.read_text())
+
+
+def check_output(out: Path) -> None:
+    """Refuse a jpg `--out` that datp would overwrite files in: a file, or a folder that holds
+    files but no settings file of extract-flow (not written by datp).
+
+    Raises:
+        ValueError: naming the folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; --format jpg writes a folder: choose another --out")
+    if out.is_dir() and not (out / SETTINGS_NAME).is_file():
+        stray = next((p for p in out.rglob("*") if p.is_file()), None)
+        if stray is not None:
+            raise ValueError(f"{out} holds files datp did not write (e.g. {stray}) and no "
+                             f"{SETTINGS_NAME}; choose another --out or an empty folder")
 
 
 def video_dir(out: Path, record: Record) -> Path:
@@ -81,9 +102,10 @@ def count_frames(folder: Path) -> tuple[int, int]:
 class JpgWriter:
     """Runner sink: writes a video's jpgs into a temporary folder, renamed when complete."""
 
-    def __init__(self, out: Path, *, with_rgb: bool):
+    def __init__(self, out: Path, *, with_rgb: bool, on_first_done=None):
         self.out = Path(out)
         self.with_rgb = with_rgb
+        self._on_first_done = on_first_done
         self._state: dict[str, list] = {}  # id -> [tmp folder, flows written, images written]
 
     def chunk(self, record: Record, payload) -> None:
@@ -98,18 +120,22 @@ class JpgWriter:
         params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
         for pair in (flow if flow is not None else []):
             state[1] += 1
-            cv2.imwrite(str(state[0] / f"flow_x_{state[1]:05d}.jpg"), pair[..., 0], params)
-            cv2.imwrite(str(state[0] / f"flow_y_{state[1]:05d}.jpg"), pair[..., 1], params)
+            _imwrite(state[0] / f"flow_x_{state[1]:05d}.jpg", pair[..., 0], params)
+            _imwrite(state[0] / f"flow_y_{state[1]:05d}.jpg", pair[..., 1], params)
         for image in (images if images is not None else []):
             state[2] += 1
-            cv2.imwrite(str(state[0] / f"img_{state[2]:05d}.jpg"),
-                        np.ascontiguousarray(image[..., ::-1]), params)  # OpenCV writes BGR
+            _imwrite(state[0] / f"img_{state[2]:05d}.jpg",
+                     np.ascontiguousarray(image[..., ::-1]), params)  # OpenCV writes BGR
 
     def done(self, record: Record, meta: dict) -> None:
         tmp, flows, images = self._state.pop(record.id)
         if flows != meta["num_frames"] - 1 or (self.with_rgb and images != meta["num_frames"]):
             raise RuntimeError(f"{record.id}: wrote {flows} flows / {images} images for "
                                f"{meta['num_frames']} frames")
+        if self._on_first_done is not None:
+            self._on_first_done()
+            self._on_first_done = None
+        _register(self.out, record)  # before the rename: a folder that exists is listed
         final = video_dir(self.out, record)
         if final.exists():
             shutil.rmtree(final)
@@ -125,11 +151,63 @@ class JpgWriter:
             shutil.rmtree(self._state.pop(record_id)[0], ignore_errors=True)
 
 
+def _imwrite(path: Path, image: np.ndarray, params) -> None:
+    """cv2.imwrite, whose failure (disk full) is only a False: an OSError naming the file."""
+    import errno
+
+    if not cv2.imwrite(str(path), image, params):
+        raise OSError(errno.EIO, "could not write the image (disk full or not writable?); "
+                      "finished videos are kept: free space, then rerun the same command", str(path))
+
+
+def _listed(out: Path) -> list[Record]:
+    """The videos of the folder `out`: those its lists name, then those of its registry they
+    miss (written by an interrupted run, or a run of another shard or list)."""
+    found: dict[str, Record] = {}
+    for name in ("flow_list.txt", "rgb_list.txt"):
+        path = out / name
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            parts = line.rsplit(maxsplit=2)
+            if len(parts) == 3 and parts[0] not in found:
+                found[parts[0]] = Record(parts[0], out / parts[0], int(parts[2]), "all")
+    for path in list(out.glob("*_list_*.txt")):
+        split = path.stem.split("_list_", 1)[1]
+        for line in path.read_text().splitlines():
+            parts = line.rsplit(maxsplit=2)
+            if len(parts) == 3 and parts[0] in found:
+                old = found[parts[0]]
+                found[parts[0]] = Record(old.id, old.path, old.label, split)
+    registry = out / REGISTRY_NAME
+    for line in (registry.read_text().splitlines() if registry.is_file() else []):
+        try:
+            meta = json.loads(line)
+        except ValueError:  # a line cut by a kill: its folder was not renamed into place yet
+            continue
+        if meta["id"] not in found:
+            found[meta["id"]] = Record(meta["id"], out / meta["id"], int(meta["label"]),
+                                       meta["split"])
+    return list(found.values())
+
+
+def _register(out: Path, record: Record) -> None:
+    """Append the video to the folder's registry (one short O_APPEND write: shards writing into
+    one folder do not mix their lines)."""
+    line = json.dumps({"id": record.id, "label": record.label, "split": record.split}) + "\n"
+    fd = os.open(out / REGISTRY_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 def write_lists(out: Path, records: list[Record]) -> None:
-    """Write the annotation lists for every finished video, counting the files on disk."""
+    """Write the annotation lists for every finished video of the folder, counting the files on
+    disk: the videos of earlier runs (other lists too) first, then this run's `records`."""
     out = Path(out)
     rows: dict[str, list[str]] = {}
-    for record in records:
+    ours = {r.id: r for r in records}
+    known = [ours.pop(r.id, r) for r in _listed(out)]
+    for record in known + list(ours.values()):
         folder = video_dir(out, record)
         if not folder.is_dir():
             continue
@@ -141,6 +219,6 @@ def write_lists(out: Path, records: list[Record]) -> None:
                 if record.split != "all":
                     rows.setdefault(f"{modality}_list_{record.split}.txt", []).append(line)
     for name, lines in rows.items():
-        tmp = out / f".{name}.tmp"
+        tmp = out / f".{name}.tmp{os.getpid()}"
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, out / name)

@@ -12,13 +12,15 @@ Layout (schema 1), one file:
     `fps`, `height`, `width` (flow size), `source_height`, `source_width`, `rotation`, `scale`
     (flow size / upright source size, per axis (sy, sx)), `bound`, `algorithm`, `preset`, `codec`.
 While a run is in progress (or after a kill), each finished video lives in its own part file
-`<out>.parts/<safe name>.h5` (the group above at `/video`), and `<out>` is a small index whose
-groups are external links to the parts, rewritten atomically; at the end the parts are copied
-(raw chunks, no recompression) into one self-contained `<out>` and removed.
+`<out>.parts/<safe name>.h5` (the group above at `/video`, fletcher32 checksums), and `<out>` is
+a small index whose groups are external links to the parts, rewritten atomically; at the end the
+parts are copied (raw chunks, no recompression) into one self-contained `<out>` and removed.
+The store is the union of every run into it (see `write_store`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -27,16 +29,17 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from datp.io.atomic import atomic_path, finished_parts, parts_dir
+from datp.io.atomic import (atomic_path, commit, ensure_space, finished_parts, parts_dir,
+                             unique_tmp, write_bytes, write_error, writing)
 from datp.io.datasets import Record, safe_name
-from datp.io.h5header import StoreError, check_header, header
+from datp.io.h5header import StoreError, check_header, header, open_h5
 
 SCHEMA = 1
 KIND = "flow"
 
 
 __all__ = ["KIND", "SCHEMA", "FlowPartWriter", "FlowStore", "StoreError", "done_ids",
-           "merge_stores", "open_for_update", "stored_settings", "write_store"]
+           "check_part", "merge_stores", "open_for_update", "stored_settings", "write_store"]
 
 
 def _file_attrs(settings: dict) -> dict:
@@ -46,63 +49,126 @@ def _file_attrs(settings: dict) -> dict:
 class FlowPartWriter:
     """Receives a video's flow chunks from the runner and writes them to its part file.
 
-    The part is written under a temporary name and renamed when the video is complete, so a part
-    file that exists is always whole.
+    The part is written under a temporary name unique to this process, closed, checked
+    (`check_part`) and only then renamed into place, so a part file that exists is whole. Every
+    dataset carries HDF5's fletcher32 checksum, so a damaged block is found when it is read. A
+    failed write (disk full, I/O error) raises an OSError naming the part.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, on_first_done=None):
         self.folder = parts_dir(out)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, tuple[h5py.File, Path]] = {}
+        self._on_first_done = on_first_done
 
     def part_path(self, record: Record) -> Path:
         return self.folder / f"{safe_name(record.id)}.h5"
 
     def chunk(self, record: Record, payload: np.ndarray) -> None:
         """Append quantized flow pairs (n, H, W, 2) uint8 of `record`."""
-        if record.id not in self._open:
-            final = self.part_path(record)
-            tmp = final.with_name(f".{final.name}.tmp")
-            handle = h5py.File(tmp, "w")
-            h, w = payload.shape[1:3]
-            handle.create_dataset("video/flow", shape=(0, h, w, 2), maxshape=(None, h, w, 2),
-                                  dtype=np.uint8, chunks=(1, h, w, 2), compression="gzip",
-                                  compression_opts=4)
-            self._open[record.id] = (handle, tmp)
-        handle, _ = self._open[record.id]
-        flow = handle["video/flow"]
-        n = flow.shape[0]
-        flow.resize(n + len(payload), axis=0)
-        flow[n:] = payload
+        tmp = unique_tmp(self.part_path(record))
+        ensure_space(tmp, payload.nbytes)
+        try:
+            if record.id not in self._open:
+                tmp.unlink(missing_ok=True)
+                handle = h5py.File(tmp, "w")
+                self._open[record.id] = (handle, tmp)
+                h, w = payload.shape[1:3]
+                handle.create_dataset("video/flow", shape=(0, h, w, 2), maxshape=(None, h, w, 2),
+                                      dtype=np.uint8, chunks=(1, h, w, 2), compression="gzip",
+                                      compression_opts=4, fletcher32=True)
+            handle, _ = self._open[record.id]
+            flow = handle["video/flow"]
+            n = flow.shape[0]
+            flow.resize(n + len(payload), axis=0)
+            flow[n:] = payload
+        except OSError as err:
+            raise write_error(tmp, err) from err
 
     def done(self, record: Record, meta: dict) -> None:
-        """Write the video's attributes and timestamps, close, and rename the part into place."""
+        """Write the video's attributes and timestamps, close, check, and rename into place."""
         if record.id not in self._open:  # a video with no flow pairs never reaches done
             raise RuntimeError(f"{record.id}: done without flow")
         handle, tmp = self._open.pop(record.id)
-        group = handle["video"]
-        group.create_dataset("timestamps", data=np.asarray(meta.pop("timestamps"), np.float64))
-        attrs = {"id": record.id, "path": str(record.path), "label": record.label,
-                 "split": record.split, **meta}
-        for key, value in attrs.items():
-            group.attrs[key] = value
-        if group["flow"].shape[0] != attrs["num_frames"] - 1:
-            raise RuntimeError(f"{record.id}: {group['flow'].shape[0]} flow pairs for "
-                               f"{attrs['num_frames']} frames")
-        handle.close()
-        os.replace(tmp, self.part_path(record))
+        try:
+            group = handle["video"]
+            group.create_dataset("timestamps", data=np.asarray(meta.pop("timestamps"), np.float64),
+                                 fletcher32=True, chunks=True)
+            attrs = {"id": record.id, "path": str(record.path), "label": record.label,
+                     "split": record.split, **meta}
+            for key, value in attrs.items():
+                group.attrs[key] = value
+            if group["flow"].shape[0] != attrs["num_frames"] - 1:
+                raise RuntimeError(f"{record.id}: {group['flow'].shape[0]} flow pairs for "
+                                   f"{attrs['num_frames']} frames")
+            handle.flush()
+            handle.close()
+            _read_back(tmp)  # a close that failed without saying so is caught here
+            if self._on_first_done is not None:
+                self._on_first_done()
+                self._on_first_done = None
+            commit(tmp, self.part_path(record))
+        except (OSError, RuntimeError) as err:
+            _drop(handle, tmp)
+            if isinstance(err, RuntimeError) and "flush" not in str(err).lower():
+                raise
+            raise write_error(tmp, err) from err
+        except BaseException:
+            _drop(handle, tmp)
+            raise
 
     def fail(self, record: Record, reason: str) -> None:
         entry = self._open.pop(record.id, None)
         if entry is not None:
-            entry[0].close()
-            entry[1].unlink(missing_ok=True)
+            _drop(*entry)
 
     def close(self) -> None:
         for record_id in list(self._open):
-            handle, tmp = self._open.pop(record_id)
-            handle.close()
-            tmp.unlink(missing_ok=True)
+            _drop(*self._open.pop(record_id))
+
+
+def _drop(handle: h5py.File, tmp: Path) -> None:
+    """Close (errors ignored: the file is thrown away) and remove a temporary part."""
+    try:
+        handle.close()
+    except (OSError, RuntimeError, ValueError):
+        pass
+    tmp.unlink(missing_ok=True)
+
+
+def _read_back(tmp: Path) -> None:
+    """Check a part just written; one that does not read back is a failed write."""
+    import errno
+
+    try:
+        check_part(tmp)
+    except StoreError as err:
+        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None
+
+
+def check_part(path: Path) -> str:
+    """Check a part file as a rerun reuses it: it opens, its shapes are those its attrs record,
+    and every chunk reads back (fletcher32 checksums). Returns the video id.
+
+    Raises:
+        StoreError: the part is damaged (the message says how).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["video"]
+            a = group.attrs
+            T = int(a["num_frames"])
+            want = (T - 1, int(a["height"]), int(a["width"]), 2)
+            if group["flow"].shape != want or group["timestamps"].shape != (T,):
+                raise StoreError(f"flow {group['flow'].shape} / timestamps "
+                                 f"{group['timestamps'].shape} for {T} frames")
+            flow = group["flow"]
+            for i in range(0, want[0], 64):
+                flow[i:i + 64]
+            group["timestamps"][:]
+            return str(a["id"])
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise StoreError(f"damaged part {path}: {err}") from None
 
 
 BASE_NAME = "_store_base.hdf5"  # not a per-video part (those end in .h5)
@@ -113,16 +179,25 @@ def _is_link(group: h5py.Group, name: str) -> bool:
 
 
 def _is_final(out: Path) -> bool:
-    """True when `out` is a self-contained store (no links into parts)."""
+    """True when `out` is a self-contained flow store (no links into parts)."""
     with h5py.File(out, "r") as f:
         return f.attrs.get("datp_kind") == KIND and not any(
             _is_link(f["videos"], n) for n in f.get("videos", {}))
 
 
-def done_ids(out: Path) -> set[str]:
-    """Ids of videos already finished for the store `out` (in its parts, base or final file)."""
+def done_ids(out: Path, report=None) -> set[str]:
+    """Ids of videos already finished for the store `out` (in its parts, base or final file).
+    Each part is checked (`check_part`): a damaged one is removed (its video is redone) and named
+    through `report(message)`."""
     out = Path(out)
-    ids = {_part_id(path) for path in finished_parts(parts_dir(out)).values()}
+    ids = set()
+    for path in finished_parts(parts_dir(out)).values():
+        try:
+            ids.add(check_part(path))
+        except StoreError as err:
+            path.unlink(missing_ok=True)
+            if report is not None:
+                report(f"{err}; removed, its video is redone")
     for path in (parts_dir(out) / BASE_NAME, out):
         if path.is_file() and (path != out or _is_final(out)):
             with h5py.File(path, "r") as f:
@@ -131,14 +206,12 @@ def done_ids(out: Path) -> set[str]:
 
 
 def stored_settings(out: Path) -> dict:
-    """The settings recorded in the file `out` (an index or a final store); {} when none."""
+    """The settings recorded in the file `out` when it holds at least one video; {} otherwise
+    (an index written before any video finished records nothing binding)."""
     with h5py.File(out, "r") as f:
+        if not len(f.get("videos", {})):
+            return {}
         return json.loads(f.attrs.get("settings", "{}"))
-
-
-def _part_id(path: Path) -> str:
-    with h5py.File(path, "r") as f:
-        return str(f["video"].attrs["id"])
 
 
 def open_for_update(out: Path) -> None:
@@ -154,15 +227,18 @@ def open_for_update(out: Path) -> None:
 
 
 def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: bool) -> int:
-    """(Re)build the store `out` from the finished parts of `records`, atomically.
+    """(Re)build the store `out` from every finished video it has, atomically.
+
+    The store is the union of all its runs: every video of the base (the finished store moved
+    aside by `open_for_update`) and every finished part, whichever run or list made it; a video in
+    both is taken from its part (the newer).
 
     Args:
         out: the store file.
-        records: the dataset's videos, in order; those with a finished part (or in the base
-            store moved aside by `open_for_update`) are included, in this order.
+        records: this run's videos (unused: every finished video is kept; kept for callers).
         settings: run settings recorded in the file attrs.
-        final: copy the parts into one self-contained file and delete them; otherwise write an
-            index of external links (cheap; used during a run and after an interruption).
+        final: copy everything into one self-contained file and delete the parts; otherwise
+            write an index of external links (cheap; used during a run and after an interruption).
 
     Returns:
         The number of videos in the store.
@@ -174,27 +250,33 @@ def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: 
     parts = finished_parts(folder)
     base_path = folder / BASE_NAME
     base = h5py.File(base_path, "r") if base_path.is_file() else None
+    # HDF5 lists a group's members by name, so the order of the union needs no care here
+    names = sorted(set(parts) | set(base["videos"] if base is not None else ()))
+    # final: the parts' and the base's chunks are copied as they are; an index is small
+    ensure_space(out, sum(p.stat().st_size for p in parts.values())
+                 + (base_path.stat().st_size if base is not None else 0) if final else 0)
+    image = None if final else io.BytesIO()  # an index is built in memory (write_bytes)
     count = 0
     try:
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(_file_attrs(settings))
-            videos = f.create_group("videos")
-            for record in records:
-                name = safe_name(record.id)
-                if name in parts:
-                    source, file, path = parts[name], None, "/video"
-                elif base is not None and name in base["videos"]:
-                    source, file, path = base_path, base, f"/videos/{name}"
-                else:
-                    continue
-                if not final:
-                    videos[name] = h5py.ExternalLink(os.path.relpath(source, out.parent), path)
-                elif file is not None:
-                    file.copy(file[path], videos, name=name)
-                else:
-                    with h5py.File(source, "r") as part:
-                        part.copy(part[path], videos, name=name)
-                count += 1
+        with writing(out), atomic_path(out) as tmp:
+            with h5py.File(tmp if final else image, "w") as f:
+                f.attrs.update(_file_attrs(settings))
+                videos = f.create_group("videos")
+                for name in names:
+                    if name in parts:
+                        source, file, path = parts[name], None, "/video"
+                    else:
+                        source, file, path = base_path, base, f"/videos/{name}"
+                    if not final:
+                        videos[name] = h5py.ExternalLink(os.path.relpath(source, out.parent), path)
+                    elif file is not None:
+                        file.copy(file[path], videos, name=name)
+                    else:
+                        with h5py.File(source, "r") as part:
+                            part.copy(part[path], videos, name=name)
+                    count += 1
+            if not final:
+                write_bytes(tmp, image.getbuffer())
     finally:
         if base is not None:
             base.close()
@@ -215,15 +297,22 @@ class FlowStore:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"{self.path}: no such flow store; run datp extract-flow first")
-        self._file = h5py.File(self.path, "r")
+        self._file = open_h5(self.path, "flow store")
         try:
             check_header(self._file.attrs, self.path, kind=KIND, schema=SCHEMA, noun="flow store",
                          fix="re-run datp extract-flow or use a matching datp")
-        except StoreError:
+            self.settings = json.loads(self._file.attrs["settings"])
+            videos = self._file["videos"]
+            for name in videos:  # an index whose parts moved: name the missing file now
+                link = videos.get(name, getlink=True)
+                if isinstance(link, h5py.ExternalLink) and not (
+                        self.path.parent / link.filename).is_file():
+                    raise StoreError(f"{self.path}: video {name} links to {link.filename}, which "
+                                     "is missing; rerun the extract-flow (or merge) that wrote it")
+            self._names = {videos[n].attrs["id"]: n for n in videos}
+        except BaseException:
             self._file.close()
             raise
-        self.settings = json.loads(self._file.attrs["settings"])
-        self._names = {self._file["videos"][n].attrs["id"]: n for n in self._file["videos"]}
 
     def __enter__(self) -> "FlowStore":
         return self
@@ -281,7 +370,7 @@ def merge_stores(inputs: list[Path], out: Path, *, copy: bool = False) -> int:
     """
     settings = None
     count = 0
-    with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
+    with writing(Path(out)), atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
         videos = f.create_group("videos")
         for path in inputs:
             with FlowStore(path) as store:

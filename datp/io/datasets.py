@@ -29,8 +29,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# every container PyAV (ffmpeg) decodes that datasets ship videos in
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv",
-                    ".wmv", ".3gp", ".ts")
+                    ".wmv", ".3gp", ".3g2", ".ts", ".mts", ".m2ts", ".gif", ".ogv", ".ogg",
+                    ".mxf", ".y4m", ".nut", ".asf", ".vob", ".f4v", ".dv")
 
 
 class DatasetError(ValueError):
@@ -92,7 +94,18 @@ def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
             raise DatasetError(f"{record.origin}: video id {record.id!r} already listed at "
                                f"{seen[record.id].origin}; ids must be unique")
         seen[record.id] = record
+        _check_label(record, class_names)
     return Dataset(records, class_names, [str(s) for s in sources])
+
+
+def _check_label(record: Record, class_names: list[str]) -> None:
+    """Labels are -1 (unknown) or a class index; within the class list when there is one."""
+    if record.label < -1:
+        raise DatasetError(f"{record.origin}: label {record.label} must be -1 (unknown) or a "
+                           "class index >= 0")
+    if class_names and record.label >= len(class_names):
+        raise DatasetError(f"{record.origin}: label {record.label} is not a class index "
+                           f"(the dataset has {len(class_names)} classes: 0..{len(class_names) - 1})")
 
 
 def open_dataset(sources: str | Path | list, *, root: str | Path | None = None, split: int = 1,
@@ -176,6 +189,11 @@ def _load_manifest(path: Path) -> Dataset:
             raise DatasetError(f"{path}:1: a manifest needs the header id,path,label,split; "
                                f"got {reader.fieldnames}")
         for n, row in enumerate(reader, 2):
+            empty = [k for k in ("id", "path", "label", "split") if not (row.get(k) or "").strip()]
+            if empty or None in row:
+                what = (f"field {empty[0]!r} is missing or empty" if empty
+                        else "the row has more fields than the header")
+                raise DatasetError(f"{path}:{n}: {what}; rows are id,path,label,split")
             try:
                 label = int(row["label"])
             except (TypeError, ValueError):
@@ -237,6 +255,10 @@ def _load_tree(folder: Path) -> Dataset:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     records = [Record(v.stem, v, -1, "all", str(v)) for v in sorted(folder.iterdir())
                if v.suffix.lower() in VIDEO_EXTENSIONS and v.is_file()]
+    if records and any(_has_videos(folder / name) for name in classes):
+        raise DatasetError(f"{folder}: holds videos at its root ({records[0].path.name}, ...) and "
+                           f"class folders ({classes[0]}, ...); move the videos into class folders "
+                           "or give a folder of one kind")
     if records:  # a flat folder of videos: no labels
         return Dataset(records)
     for label, name in enumerate(classes):
@@ -247,6 +269,10 @@ def _load_tree(folder: Path) -> Dataset:
         raise DatasetError(f"{folder}: no videos found in {folder}/<class>/ (extensions "
                            f"{', '.join(VIDEO_EXTENSIONS)})")
     return Dataset(records, classes)
+
+
+def _has_videos(folder: Path) -> bool:
+    return any(v.suffix.lower() in VIDEO_EXTENSIONS and v.is_file() for v in folder.rglob("*"))
 
 
 def class_names_or_numbers(class_names, labels) -> list[str]:
@@ -264,11 +290,28 @@ def class_names_or_numbers(class_names, labels) -> list[str]:
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Parse `i/n` (0 <= i < n); without text, use torchrun's RANK/WORLD_SIZE, else 0/1."""
     if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        if not (rank.isdigit() and world.isdigit() and 0 <= int(rank) < int(world)):
+            raise ValueError(f"RANK={rank} WORLD_SIZE={world} (torchrun's, used as the shard) must "
+                             "be integers with 0 <= RANK < WORLD_SIZE; fix them or pass --shard i/n")
+        return int(rank), int(world)
     match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not match or not 0 <= int(match[1]) < int(match[2]):
         raise ValueError(f"shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
     return int(match[1]), int(match[2])
+
+
+def check_shard(shard) -> None:
+    """Raise ValueError unless `shard` is (i, n) with 0 <= i < n."""
+    if len(shard) != 2 or not 0 <= int(shard[0]) < int(shard[1]):
+        raise ValueError(f"shard {shard} must be (i, n) with 0 <= i < n")
+
+
+def check_range(name: str, value, low, note: str = "") -> None:
+    """Raise ValueError unless `value` >= `low` (the option `name` in the message)."""
+    if value is None or not value >= low:
+        extra = f" ({note})" if note else ""
+        raise ValueError(f"{name.replace('_', '-')} {value} must be >= {low}{extra}")
 
 
 def shard_out(out: str | Path, shard: tuple[int, int], *, shared: bool = False) -> Path:

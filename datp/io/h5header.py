@@ -26,9 +26,7 @@ def header(kind: str, schema: int) -> dict:
 
 def store_kind(path: str | Path) -> str | None:
     """The `datp_kind` of the HDF5 file `path` ("flow", "features"), or None when it has none."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "datp store") as f:
         kind = f.attrs.get("datp_kind")
     return None if kind is None else str(kind)
 
@@ -47,3 +45,43 @@ def check_header(attrs, path: Path, *, kind: str, schema: int, noun: str, fix: s
     if attrs.get("datp_schema") != schema:
         raise StoreError(f"{path} has {noun} schema {attrs.get('datp_schema')}; this datp reads "
                          f"schema {schema}: {fix}")
+
+
+def open_h5(path: str | Path, noun: str = "HDF5 file"):
+    """`h5py.File(path, "r")`, with a file that is not readable HDF5 (a text file, a truncated or
+    damaged store, a folder) as a StoreError naming it."""
+    import h5py
+
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder, not a {noun}")
+    if not path.is_file():
+        raise StoreError(f"{path}: no such {noun}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(f"{path} is not a readable {noun} (not HDF5, truncated or damaged: "
+                         f"{err})") from None
+
+
+def check_output(path: str | Path, *, kind: str, noun: str) -> None:
+    """Refuse an `--out` that datp must not overwrite: a folder, or a file that is not a `kind`
+    store (a store of another kind, or a file datp did not write). A missing one is fine.
+
+    Raises:
+        StoreError: naming the file and what to do.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder; --out must be a {noun} file")
+    if not path.exists():
+        return
+    try:
+        with open_h5(path) as f:
+            found = f.attrs.get("datp_kind")
+    except StoreError:
+        found = None
+    if found != kind:
+        what = f"a datp {found} store" if found else "a file datp did not write"
+        raise StoreError(f"{path} exists and is {what}, not a {noun}; datp does not overwrite "
+                         "it: choose another --out or remove it")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from datp.io.atomic import die_with_parent
 from datp.io.datasets import Record
 
 EXIT_OK = 0
@@ -75,6 +76,7 @@ class FailureLog:
 
 
 def _worker_main(wid: int, job, init, tasks, results) -> None:
+    die_with_parent()  # no worker outlives its job, even after a kill -9 of the parent
     if init is not None:
         init()
     while True:

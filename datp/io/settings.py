@@ -55,3 +55,32 @@ def marked_settings(marker: Path, settings: dict, *, what: str, ignore: Iterable
     else:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(settings, indent=indent, sort_keys=True, default=str))
+
+
+def read_marker(marker: Path) -> dict | None:
+    """The settings in the marker file `marker`, or None when there is none.
+
+    Raises:
+        ValueError: the marker is not JSON (named, with what to do).
+    """
+    marker = Path(marker)
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{marker} is damaged ({err}); remove it to resume with this run's "
+                         "settings") from None
+
+
+def write_marker(marker: Path, settings: dict) -> None:
+    """Write the marker (sorted JSON) atomically, if there is none yet. Called when a run's first
+    video is done, so a run that failed every video binds no later run."""
+    from datp.io.atomic import atomic_path
+
+    marker = Path(marker)
+    if marker.is_file():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))

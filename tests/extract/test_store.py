@@ -188,7 +188,9 @@ def test_parts_index_and_rerun_keep_every_finished_row(tmp_path, layout):
     fstore.build_store(out, VIDEOS, attrs, ["rgb", "flow"], final=False)
     assert (parts_dir(out) / fstore.BASE_NAME).is_file()  # the finished store, moved aside
     assert fstore.done_ids(out) == {"c/v0", "c/v1", "c/v2"}
-    with FeatureStore(out) as store:
+    with pytest.raises(StoreError, match="unfinished.*rerun the same extract-features"):
+        FeatureStore(out)  # stage two refuses it
+    with FeatureStore(out, allow_unfinished=True) as store:
         assert store.done.tolist() == [True, True, True, False]
         batch = store.load([0, 1, 2], streams=["rgb", "flow"])
         for b, vid in enumerate(["c/v0", "c/v1", "c/v2"]):
@@ -271,3 +273,62 @@ def test_merge_stores_dispatches_by_the_kind_of_the_first_input(tmp_path):
     with pytest.raises(ValueError, match="neither a flow nor a feature store"):
         merge_stores([plain], tmp_path / "never.h5")
     assert not (tmp_path / "never.h5").exists()
+
+
+# --- what the reader refuses (stage two never reads an unfinished or inconsistent store) ---------
+
+def test_an_index_whose_parts_moved_is_refused_naming_the_missing_file(tmp_path):
+    out = tmp_path / "features.h5"
+    for i, vid in enumerate(("c/v0", "c/v1")):
+        fstore.write_part(out, vid, _features(4, i))
+    fstore.build_store(out, VIDEOS[:2], _attrs(), ["rgb", "flow"], final=False)
+    parts_dir(out).rename(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match=r"reads .*features.h5.parts/c%2Fv0.h5, which is missing"):
+        FeatureStore(out, allow_unfinished=True)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("offset", "do not tile"), ("label", "videos/label has shape"), ("text", "not a readable")])
+def test_inconsistent_or_unreadable_stores_are_refused(tmp_path, damage, message):
+    out = tmp_path / "features.h5"
+    feats = {"c/v0": _features(2, 0), "c/v1": _features(3, 1)}
+    fstore.write_features(out, VIDEOS[:2], feats, _attrs("ragged"))
+    if damage == "text":
+        out.write_text("not a store\n")
+    else:
+        with h5py.File(out, "r+") as f:
+            if damage == "offset":
+                f["segments/offset"][1] = 1  # overlaps video 0's rows
+            else:
+                del f["videos/label"]
+                f["videos/label"] = np.zeros(3, np.int64)
+    with pytest.raises(StoreError, match=message):
+        FeatureStore(out)
+
+
+def test_parts_are_checked_when_reused(tmp_path):
+    out = tmp_path / "features.h5"
+    good = fstore.write_part(out, "c/v0", _features(4, 0))
+    bad = fstore.write_part(out, "c/v1", _features(4, 1))
+    with h5py.File(bad, "r") as f:
+        info = f["rgb/conv"].id.get_chunk_info(0)
+    with open(bad, "r+b") as f:  # zero a block inside the conv data
+        f.seek(info.byte_offset + 8)
+        f.write(bytes(32))
+    notes = []
+    assert fstore.done_ids(out, report=notes.append) == {"c/v0"}
+    assert good.exists() and not bad.exists()
+    assert len(notes) == 1 and "damaged part" in notes[0] and bad.name in notes[0]
+
+
+def test_a_rerun_with_other_videos_keeps_the_earlier_rows(tmp_path):
+    out = tmp_path / "features.h5"
+    feats = {vid: _features(4, i) for i, vid in enumerate(v.id for v in VIDEOS)}
+    for rows in (VIDEOS[:2], VIDEOS[2:], VIDEOS[:1]):  # list a, list b, a subset of a
+        for row in rows:
+            fstore.write_part(out, row.id, feats[row.id], label=row.label, split=row.split)
+        fstore.build_store(out, rows, _attrs(), ["rgb", "flow"], final=False, union=True)
+        fstore.build_store(out, rows, _attrs(), ["rgb", "flow"], final=True, union=True)
+    everything = tmp_path / "everything.h5"
+    fstore.write_features(everything, VIDEOS, feats, _attrs())
+    _assert_same_arrays(_arrays(out), _arrays(everything))

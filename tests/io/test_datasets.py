@@ -99,3 +99,46 @@ def test_safe_name_cannot_escape_a_folder():
         name = safe_name(vid)
         assert "/" not in name and not name.startswith(".") and len(name) <= 200
     assert safe_name("a/b") != safe_name("a_b")
+
+
+def test_every_video_type_in_a_tree_and_a_gif_source(tmp_path, video_dir):
+    (video_dir / "left" / "wave.gif").write_bytes(b"GIF89a")
+    (video_dir / "right" / "jump.webm").write_bytes(b"")
+    ds = load_dataset(video_dir)
+    assert {"left/wave", "right/jump"} <= {r.id for r in ds.records}
+    single = load_dataset(video_dir / "left" / "wave.gif")  # a video, not a list file
+    assert [(r.id, r.label) for r in single.records] == [("wave", -1)]
+
+
+def test_a_tree_with_videos_at_its_root_and_class_folders_is_an_error(video_dir):
+    (video_dir / "stray.mp4").write_bytes(b"")
+    with pytest.raises(DatasetError, match="videos at its root .*stray.mp4.* and class folders"):
+        load_dataset(video_dir)
+
+
+def test_labels_are_unknown_or_within_the_class_list(tmp_path):
+    listing = tmp_path / "test.txt"
+    listing.write_text("a.mp4 1\nb.mp4 -5\n")
+    with pytest.raises(DatasetError, match=r"test.txt:2: label -5 must be -1"):
+        load_dataset(listing)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,path,label,split\na,a.mp4,0,train\nb,b.mp4,99,test\n")
+    (tmp_path / "classes.txt").write_text("run\nwalk\n")
+    with pytest.raises(DatasetError, match=r"manifest.csv:3: label 99 is not a class index "
+                                           r"\(the dataset has 2 classes"):
+        load_dataset(manifest)
+
+
+def test_a_manifest_row_with_a_missing_field_is_named(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,path,label,split\na,a.mp4,0,train\nb,b.mp4,1\n")
+    with pytest.raises(DatasetError, match=r"manifest.csv:3: field 'split' is missing"):
+        load_dataset(manifest)
+
+
+@pytest.mark.parametrize("rank,world", [("7", "2"), ("x", "2"), ("0", "0")])
+def test_torchrun_rank_and_world_size_are_checked_and_named(monkeypatch, rank, world):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ValueError, match=f"RANK={rank} WORLD_SIZE={world}"):
+        parse_shard(None)

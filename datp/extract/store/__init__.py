@@ -20,12 +20,22 @@ One HDF5 file (docs/architecture.md shows it with an example):
 Writing is crash-safe like the flow store (`datp.io.atomic`): each video goes to a part file
 `<out>.parts/<safe id>.h5`; `build_store` assembles the store from the parts: during a run as
 an index of virtual datasets over the parts (no copy), at the end as one self-contained file.
-A rerun over a finished store (to add videos or retry failed ones) first moves it aside to
-`<out>.parts/_store_base.hdf5`; its done rows are kept (linked into the index during the run,
-copied at the end), so the store keeps opening and nothing finished is lost.
+A rerun over a finished store (to add videos, retry failed ones, or with another list) first
+moves it aside to `<out>.parts/_store_base.hdf5`; with `union=True` (extract-features) every row
+of it is kept (linked into the index during the run, copied at the end), so the store is the
+union of all its runs and keeps opening. Parts carry fletcher32 checksums and are checked when
+reused (`check_part`, `verified_parts`); `FeatureStore` refuses unfinished or inconsistent stores.
 """
 
-from datp.extract.store.build import build_store, done_ids, write_features, write_part
+from datp.extract.store.build import (
+    build_store,
+    check_part,
+    done_ids,
+    finished_attrs,
+    verified_parts,
+    write_features,
+    write_part,
+)
 from datp.extract.store.merge import merge_feature_stores
 from datp.extract.store.reader import Batch, FeatureStore
 from datp.extract.store.schema import (
@@ -42,5 +52,6 @@ from datp.extract.store.schema import (
 )
 
 __all__ = ["BASE_NAME", "KIND", "SCHEMA", "STREAMS", "Batch", "FeatureStore", "StoreError",
-           "VideoFeatures", "VideoRow", "base_attrs", "build_store", "done_ids", "is_final",
-           "merge_feature_stores", "stored_attrs", "write_features", "write_part"]
+           "VideoFeatures", "VideoRow", "base_attrs", "build_store", "check_part", "done_ids", "finished_attrs",
+           "is_final",
+           "merge_feature_stores", "stored_attrs", "verified_parts", "write_features", "write_part"]

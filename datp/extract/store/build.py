@@ -5,6 +5,7 @@ See `datp.extract.store` for the layout and the crash-safety rules.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,34 +22,115 @@ from datp.extract.store.schema import (
     VideoFeatures,
     VideoRow,
     is_final,
+    stored_attrs,
     write_videos,
 )
-from datp.io.atomic import atomic_path, finished_parts, parts_dir
+from datp.io.atomic import (
+    atomic_path,
+    commit,
+    ensure_space,
+    finished_parts,
+    parts_dir,
+    unique_tmp,
+    write_bytes,
+    write_error,
+    writing,
+)
 from datp.io.datasets import safe_name
 
 
-def write_part(out: Path, video_id: str, features: VideoFeatures) -> Path:
-    """Write one video's features to its part file, atomically (whole or absent)."""
+def write_part(out: Path, video_id: str, features: VideoFeatures, *, label: int = -1,
+               split: str = "all") -> Path:
+    """Write one video's features to its part file: under a name unique to this process, closed,
+    checked (`check_part`) and only then renamed into place (whole or absent). Every dataset
+    carries HDF5's fletcher32 checksum, so damage is found when a rerun reuses the part.
+
+    Raises:
+        OSError: the write failed (disk full, I/O error); the message names the part.
+    """
     folder = parts_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{safe_name(video_id)}.h5"
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["id"] = video_id
-        f.attrs["num_frames"] = int(features.num_frames)
-        f.attrs["fps"] = float(features.fps)
-        f["t"] = np.asarray(features.t, np.float32)
-        f["frame"] = np.asarray(features.frame, np.int64)
-        for stream, (conv, logits) in features.streams.items():
-            f.create_dataset(f"{stream}/conv", data=np.asarray(conv, np.float16))
-            f.create_dataset(f"{stream}/logits", data=np.asarray(logits, np.float32))
+    tmp = unique_tmp(path)
+    ensure_space(tmp, sum(np.asarray(c).nbytes + np.asarray(g).nbytes
+                          for c, g in features.streams.values()))
+    image = io.BytesIO()  # built in memory: HDF5 never meets a failing disk (see write_bytes)
+    try:
+        with h5py.File(image, "w") as f:
+            f.attrs["id"] = video_id
+            f.attrs["label"] = int(label)
+            f.attrs["split"] = str(split)
+            f.attrs["num_frames"] = int(features.num_frames)
+            f.attrs["fps"] = float(features.fps)
+            data = {"t": np.asarray(features.t, np.float32),
+                    "frame": np.asarray(features.frame, np.int64)}
+            for stream, (conv, logits) in features.streams.items():
+                data[f"{stream}/conv"] = np.asarray(conv, np.float16)
+                data[f"{stream}/logits"] = np.asarray(logits, np.float32)
+            for key, value in data.items():
+                f.create_dataset(key, data=value, chunks=value.shape if value.size else None,
+                                 fletcher32=bool(value.size))
+        write_bytes(tmp, image.getbuffer())
+        _read_back(tmp)  # a close that failed without saying so is caught here
+        with writing(tmp):
+            commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def done_ids(out: Path) -> set[str]:
-    """Videos already finished for the store `out`: its parts, or done rows of a final store."""
+def _read_back(tmp: Path) -> None:
+    """Check a part just written; one that does not read back is a failed write."""
+    import errno
+
+    try:
+        check_part(tmp)
+    except StoreError as err:
+        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None
+
+
+def check_part(path: Path) -> str:
+    """Check a part file as a rerun reuses it: it opens, every array has as many segments as
+    `t`, and every byte reads back (fletcher32 checksums). Returns the video id.
+
+    Raises:
+        StoreError: the part is damaged (the message names it and says how).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            n = f["t"].shape[0]
+            for key in ["t", "frame"] + [f"{s}/{k}" for s in STREAMS if s in f
+                                         for k in ("conv", "logits")]:
+                if f[key].shape[:1] != (n,):
+                    raise StoreError(f"{key} has shape {f[key].shape} for {n} segments")
+                f[key][()]
+            return str(f.attrs["id"])
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise StoreError(f"damaged part {path}: {err}") from None
+
+
+def verified_parts(out: Path, report=None) -> dict[str, Path]:
+    """The finished parts of `out` that pass `check_part`, by file stem; a damaged part is
+    removed (its video is redone) and named through `report(message)`."""
+    good = {}
+    for stem, path in finished_parts(parts_dir(out)).items():
+        try:
+            check_part(path)
+            good[stem] = path
+        except StoreError as err:
+            path.unlink(missing_ok=True)
+            if report is not None:
+                report(f"{err}; removed, its video is redone")
+    return good
+
+
+def done_ids(out: Path, report=None) -> set[str]:
+    """Videos already finished for the store `out`: its parts (checked, `verified_parts`), or
+    done rows of a finished store (moved aside as the base, or `out` itself)."""
     out = Path(out)
     ids = set()
-    for path in finished_parts(parts_dir(out)).values():
+    for path in verified_parts(out, report).values():
         with h5py.File(path, "r") as f:
             ids.add(str(f.attrs["id"]))
     for path in (parts_dir(out) / BASE_NAME, out):
@@ -56,8 +138,43 @@ def done_ids(out: Path) -> set[str]:
     return ids
 
 
+def finished_attrs(out: Path) -> dict | None:
+    """The attrs of the finished store of `out` (moved aside as the base, or `out` itself) when
+    it has a done video; None otherwise (an index or a store of failures binds nothing)."""
+    for path in (parts_dir(out) / BASE_NAME, Path(out)):
+        if _old_rows(path):
+            return stored_attrs(path)
+    return None
+
+
+def _union_rows(videos: Sequence[VideoRow], base: Path, parts: dict[str, Path]) -> list[VideoRow]:
+    """Every video a store holds over its runs: the base store's rows in its order, then this
+    run's `videos` it lacks, then parts of earlier interrupted runs of other lists (by id). A
+    video of this run keeps this run's label and split."""
+    ours = {row.id: row for row in videos}
+    rows = []
+    if base.is_file() and is_final(base):
+        with h5py.File(base, "r") as f:
+            v = f["videos"]
+            for i, label, split in zip(v["id"][:], v["label"][:], v["split"][:]):
+                vid = i.decode() if isinstance(i, bytes) else str(i)
+                split = split.decode() if isinstance(split, bytes) else str(split)
+                rows.append(ours.pop(vid, VideoRow(vid, int(label), split)))
+    rows += list(ours.values())
+    named = {safe_name(row.id) for row in rows}
+    extra = []
+    for stem, path in parts.items():
+        if stem not in named:
+            with h5py.File(path, "r") as f:
+                a = f.attrs
+                extra.append(VideoRow(str(a["id"]), int(a.get("label", -1)),
+                                      str(a.get("split", "all"))))
+    return rows + sorted(extra, key=lambda row: row.id)
+
+
 def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Sequence[str], *,
-                final: bool, features: dict[str, VideoFeatures] | None = None) -> int:
+                final: bool, features: dict[str, VideoFeatures] | None = None,
+                union: bool = False) -> int:
     """Assemble the store `out` from part files (and/or in-memory `features`), atomically.
 
     Args:
@@ -68,6 +185,9 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
         final: copy everything into one self-contained file and delete the parts; otherwise
             write virtual datasets over the parts (cheap; used during a run and after a kill).
         features: in-memory features by id (one-shot writes, e.g. tests and `datp synth`).
+        union: the store keeps every video of its earlier runs too (`_union_rows`: the finished
+            store moved aside, parts of other lists), as extract-features does; otherwise it
+            holds `videos` only.
 
     Returns:
         The number of done videos.
@@ -80,6 +200,8 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
         base.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out, base)
     parts = finished_parts(parts_dir(out))
+    if union:
+        videos = _union_rows(videos, base, parts)
     old_rows = _old_rows(base if base.is_file() else out)
     # per video: ("mem", VideoFeatures) | ("part", path) | ("old", _OldRow) | (None, None)
     sources: list[tuple[str, object]] = []
@@ -102,51 +224,58 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
         if bad:
             raise StoreError(f"video {bad[0][0]!r} has {bad[0][1]} segments; the store has {n}")
     shapes = _shapes(sources, streams)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(attrs)
-        f.attrs["index_only"] = not final
-        write_videos(f, videos)
-        f["done"] = lengths > 0
-        if ragged:
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            f["segments/offset"], f["segments/length"] = offsets, lengths
-            rows = [slice(o, o + m) for o, m in zip(offsets, lengths)]
-            total = (int(lengths.sum()),)
-        else:
-            rows = list(range(len(videos)))
-            total = (len(videos), int(attrs["num_segments"]))
-        fields = [("segments/t", "t", (), np.float32), ("segments/frame", "frame", (), np.int64)]
-        for stream in streams:
-            fields += [(f"{stream}/conv", f"{stream}/conv", shapes[stream][0], np.float16),
-                       (f"{stream}/logits", f"{stream}/logits", shapes[stream][1], np.float32)]
-        for dest, key, tail, dtype in fields:
-            shape = total + tuple(tail)
-            if final:
-                chunks = True  # h5py picks; conv: one video per chunk (a block of segments if ragged)
-                if key.endswith("conv"):
-                    chunks = ((max(1, min(int(lengths.max(initial=1)), 64)),) + tuple(tail)
-                              if ragged else (1,) + shape[1:])
-                ds = f.create_dataset(dest, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None,
-                                      compression="gzip" if key.endswith("conv") else None,
-                                      compression_opts=1 if key.endswith("conv") else None)
-                for (kind, src), row, m in zip(sources, rows, lengths):
-                    if m:
-                        ds[row] = _read(kind, src, key)
+    need = [Path(src) for kind, src in sources if kind == "part"] + (
+        [base] if base.is_file() and any(kind == "old" for kind, _ in sources) else [])
+    ensure_space(out, sum(p.stat().st_size for p in need) if final else 0)
+    image = None if final else io.BytesIO()  # the index is small: built in memory (write_bytes)
+    with writing(out), atomic_path(out) as tmp:
+        with h5py.File(tmp if final else image, "w") as f:
+            f.attrs.update(attrs)
+            f.attrs["index_only"] = not final
+            write_videos(f, videos)
+            f["done"] = lengths > 0
+            if ragged:
+                offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                f["segments/offset"], f["segments/length"] = offsets, lengths
+                rows = [slice(o, o + m) for o, m in zip(offsets, lengths)]
+                total = (int(lengths.sum()),)
             else:
-                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-                for (kind, src), row, m in zip(sources, rows, lengths):
-                    if m and kind == "part":
-                        # HDF5 reads '%' in source names as a printf field: escape it.
-                        source = str(Path(src).resolve()).replace("%", "%%")
-                        layout[row] = h5py.VirtualSource(source, key,
-                                                         shape=(int(m),) + tuple(tail))
-                    elif m and kind == "old":
-                        source = str(Path(src.path).resolve()).replace("%", "%%")
-                        whole = h5py.VirtualSource(source, dest, shape=src.shapes[dest])
-                        layout[row] = whole[src.rows]
-                    elif m:
-                        raise StoreError("in-memory features need final=True")
-                f.create_virtual_dataset(dest, layout, fillvalue=0)
+                rows = list(range(len(videos)))
+                total = (len(videos), int(attrs["num_segments"]))
+            fields = [("segments/t", "t", (), np.float32), ("segments/frame", "frame", (), np.int64)]
+            for stream in streams:
+                fields += [(f"{stream}/conv", f"{stream}/conv", shapes[stream][0], np.float16),
+                           (f"{stream}/logits", f"{stream}/logits", shapes[stream][1], np.float32)]
+            for dest, key, tail, dtype in fields:
+                shape = total + tuple(tail)
+                if final:
+                    chunks = True  # h5py picks; conv: one video per chunk (a block of segments if ragged)
+                    if key.endswith("conv"):
+                        chunks = ((max(1, min(int(lengths.max(initial=1)), 64)),) + tuple(tail)
+                                  if ragged else (1,) + shape[1:])
+                    ds = f.create_dataset(dest, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None,
+                                          compression="gzip" if key.endswith("conv") else None,
+                                          compression_opts=1 if key.endswith("conv") else None)
+                    for (kind, src), row, m in zip(sources, rows, lengths):
+                        if m:
+                            ds[row] = _read(kind, src, key)
+                else:
+                    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                    for (kind, src), row, m in zip(sources, rows, lengths):
+                        if m and kind == "part":
+                            # HDF5 reads '%' in source names as a printf field: escape it.
+                            source = str(Path(src).resolve()).replace("%", "%%")
+                            layout[row] = h5py.VirtualSource(source, key,
+                                                             shape=(int(m),) + tuple(tail))
+                        elif m and kind == "old":
+                            source = str(Path(src.path).resolve()).replace("%", "%%")
+                            whole = h5py.VirtualSource(source, dest, shape=src.shapes[dest])
+                            layout[row] = whole[src.rows]
+                        elif m:
+                            raise StoreError("in-memory features need final=True")
+                    f.create_virtual_dataset(dest, layout, fillvalue=0)
+        if not final:
+            write_bytes(tmp, image.getbuffer())
     if final:
         shutil.rmtree(parts_dir(out), ignore_errors=True)
     return int((lengths > 0).sum())

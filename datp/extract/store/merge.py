@@ -10,7 +10,7 @@ import numpy as np
 
 from datp.extract.store.reader import FeatureStore
 from datp.extract.store.schema import StoreError, VideoRow, write_videos
-from datp.io.atomic import atomic_path
+from datp.io.atomic import atomic_path, writing
 
 
 def merge_feature_stores(inputs: Sequence[Path], out: Path, *, copy: bool = False) -> int:
@@ -38,7 +38,7 @@ def merge_feature_stores(inputs: Sequence[Path], out: Path, *, copy: bool = Fals
         rows = [VideoRow(i, int(l), str(sp), int(n), float(f)) for s in stores
                 for i, l, sp, n, f in zip(s.ids, s.labels, s.splits, s.num_frames, s.fps)]
         ragged = first.layout == "ragged"
-        with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
+        with writing(Path(out)), atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(first.attrs)
             f.attrs["index_only"] = False
             write_videos(f, rows)

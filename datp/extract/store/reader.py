@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from datp.extract.store.schema import KIND, SCHEMA, STREAMS, StoreError, plain_attrs
-from datp.io.h5header import check_header
+from datp.io.h5header import check_header, open_h5
 
 
 @dataclass
@@ -51,17 +51,39 @@ class FeatureStore:
         >>> batch = store.load(store.indices("train")[:8], streams=["rgb"])
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, allow_unfinished: bool = False):
+        """Open and check the store at `path`.
+
+        Args:
+            allow_unfinished: also open the index an interrupted (or running) extract-features
+                leaves (`index_only`), e.g. to look at it; stage two never does.
+
+        Raises:
+            StoreError: not a readable feature store, unfinished, data it links to missing, or
+                shapes that disagree with its attrs (the message says what to run).
+        """
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"{self.path}: no such feature store; run datp extract-features first")
-        self._file = h5py.File(self.path, "r")
+        self._file = open_h5(self.path, "feature store")
+        try:
+            self._open(allow_unfinished)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self, allow_unfinished: bool) -> None:
         a = self._file.attrs
         check_header(a, self.path, kind=KIND, schema=SCHEMA, noun="feature store",
                      fix="re-extract or use a matching datp")
+        if a.get("index_only", False) and not allow_unfinished:
+            raise StoreError(f"{self.path} is unfinished: an index over {self.path.name}.parts/ "
+                             "left by an interrupted or running datp extract-features; rerun the "
+                             "same extract-features command to finish it")
         for key in ("videos/id", "videos/label", "videos/split", "done", "segments/t"):
             if key not in self._file:
                 raise StoreError(f"{self.path} lacks {key!r}; the file is incomplete")
+        check_sources(self._file, self.path)
         self.layout = str(a["layout"])
         self.num_segments = int(a["num_segments"]) if self.layout == "fixed" else None
         self.class_names = json.loads(a["class_names"])
@@ -77,6 +99,7 @@ class FeatureStore:
         if self.layout == "ragged":
             self.offset = self._file["segments/offset"][:]
             self.length = self._file["segments/length"][:]
+        check_shapes(self)
 
     def __enter__(self) -> "FeatureStore":
         return self
@@ -186,3 +209,49 @@ class FeatureStore:
                     logits[stream][b, :m] = torch.from_numpy(self._file[f"{stream}/logits"][rows])
         return Batch(convs, logits, t, frame, mask, torch.from_numpy(self.labels[idx]),
                      torch.from_numpy(idx))
+
+
+def check_sources(f: h5py.File, path: Path) -> None:
+    """Raise StoreError when a virtual dataset of `f` reads a file that is gone (a moved or
+    deleted parts folder or shard store would read as zeros)."""
+    for key in [k for s in STREAMS for k in (f"{s}/conv", f"{s}/logits") if k in f] + [
+            "segments/t", "segments/frame"]:
+        if key in f and f[key].is_virtual:
+            for source in f[key].virtual_sources():
+                name = source.file_name.replace("%%", "%")
+                if name != "." and not Path(name).is_file():
+                    raise StoreError(f"{path}: {key} reads {name}, which is missing (a parts "
+                                     "folder or shard store moved or deleted); rerun the "
+                                     "extract-features (or merge) that wrote it")
+
+
+def check_shapes(store: FeatureStore) -> None:
+    """Raise StoreError when the arrays of `store` disagree with its attrs and with each other."""
+    f, V = store._file, len(store.ids)
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{store.path} is damaged or inconsistent: {what}; re-extract it")
+
+    for key in ("videos/label", "videos/split", "videos/num_frames", "videos/fps", "done"):
+        if key in f and f[key].shape != (V,):
+            raise bad(f"{key} has shape {f[key].shape} for {V} videos")
+    streams = [(k, f[k]) for s in store.streams for k in (f"{s}/conv", f"{s}/logits")]
+    if store.layout == "fixed":
+        N = store.num_segments
+        for key in ("segments/t", "segments/frame"):
+            if f[key].shape != (V, N):
+                raise bad(f"{key} has shape {f[key].shape}, not ({V}, {N})")
+        for key, ds in streams:
+            if ds.shape[:2] != (V, N) or ds.ndim != (5 if key.endswith("conv") else 3):
+                raise bad(f"{key} has shape {ds.shape} for {V} videos of {N} segments")
+        return
+    S = int(f["segments/t"].shape[0])
+    offset, length = store.offset, store.length
+    if offset.shape != (V,) or length.shape != (V,):
+        raise bad(f"segments/offset {offset.shape} and segments/length {length.shape} for {V} videos")
+    starts = np.concatenate([[0], np.cumsum(length)[:-1]]) if V else offset
+    if (length < 0).any() or not np.array_equal(offset, starts) or int(length.sum()) != S:
+        raise bad(f"segments/offset and segments/length do not tile the {S} segment rows")
+    for key, ds in [("segments/frame", f["segments/frame"])] + streams:
+        if ds.shape[0] != S or ds.ndim != (4 if key.endswith("conv") else 2 if key.endswith("logits") else 1):
+            raise bad(f"{key} has shape {ds.shape} for {S} segment rows")
