@@ -287,14 +287,35 @@ def class_names_or_numbers(class_names, labels) -> list[str]:
     return [str(c) for c in range(max(known) + 1)] if known else []
 
 
+# Where a scheduler says which shard a process is: (rank, world size) variables, looked up in order.
+# Slurm arrays number tasks from SLURM_ARRAY_TASK_MIN (e.g. --array=1-8), so the rank is counted from it.
+SHARD_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+             ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
-    """Parse `i/n` (0 <= i < n); without text, use torchrun's RANK/WORLD_SIZE, else 0/1."""
+    """Parse `i/n` (0 <= i < n). Without text: torchrun's RANK/WORLD_SIZE, else a Slurm array's
+    SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (from SLURM_ARRAY_TASK_MIN), else Slurm's
+    SLURM_PROCID/SLURM_NTASKS (srun tasks), else 0/1.
+
+    Raises:
+        ValueError: a malformed `i/n`, or variables that are not integers with 0 <= rank < size
+            (the message names them).
+    """
     if text is None:
-        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-        if not (rank.isdigit() and world.isdigit() and 0 <= int(rank) < int(world)):
-            raise ValueError(f"RANK={rank} WORLD_SIZE={world} (torchrun's, used as the shard) must "
-                             "be integers with 0 <= RANK < WORLD_SIZE; fix them or pass --shard i/n")
-        return int(rank), int(world)
+        for rank_name, world_name in SHARD_ENV:
+            if rank_name not in os.environ and world_name not in os.environ:
+                continue
+            rank, world = os.environ.get(rank_name, "0"), os.environ.get(world_name, "1")
+            first = os.environ.get("SLURM_ARRAY_TASK_MIN", "0") if rank_name == "SLURM_ARRAY_TASK_ID" else "0"
+            if not (rank.isdigit() and world.isdigit() and first.isdigit()
+                    and 0 <= int(rank) - int(first) < int(world)):
+                base = f" - SLURM_ARRAY_TASK_MIN={first}" if first != "0" else ""
+                raise ValueError(f"{rank_name}={rank}{base} {world_name}={world} (used as the shard) must be "
+                                 f"integers with 0 <= {rank_name}{' - min' if base else ''} < {world_name}; fix "
+                                 "them or pass --shard i/n")
+            return int(rank) - int(first), int(world)
+        return 0, 1
     match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not match or not 0 <= int(match[1]) < int(match[2]):
         raise ValueError(f"shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")

@@ -142,3 +142,31 @@ def test_torchrun_rank_and_world_size_are_checked_and_named(monkeypatch, rank, w
     monkeypatch.setenv("WORLD_SIZE", world)
     with pytest.raises(ValueError, match=f"RANK={rank} WORLD_SIZE={world}"):
         parse_shard(None)
+
+
+def test_shards_from_torchrun_and_slurm(monkeypatch):
+    from datp.io.datasets import SHARD_ENV, parse_shard
+
+    for rank_name, world_name in SHARD_ENV + (("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MIN"),):
+        monkeypatch.delenv(rank_name, raising=False)
+        monkeypatch.delenv(world_name, raising=False)
+    assert parse_shard(None) == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert parse_shard(None) == (3, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "8")  # --array=1-8: the array wins over srun's task
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    assert parse_shard(None) == (7, 8)
+    monkeypatch.setenv("RANK", "1")  # torchrun inside the allocation wins
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_shard(None) == (1, 2)
+    assert parse_shard("2/5") == (2, 5)
+    monkeypatch.setenv("RANK", "7")
+    with pytest.raises(ValueError, match="RANK=7 WORLD_SIZE=2"):
+        parse_shard(None)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID=9 - SLURM_ARRAY_TASK_MIN=1 SLURM_ARRAY_TASK_COUNT=8"):
+        parse_shard(None)

@@ -9,7 +9,6 @@ import torch
 
 from datp.extract.store import VideoFeatures, VideoRow, base_attrs, write_features
 from datp.pool.config import study_configs
-from datp.pool.heads import SegmentBatch
 from datp.pool.heads.datp import AuxNet
 from datp.pool.train import train_heads
 
