@@ -212,7 +212,7 @@ def sigterm(kind: str, lists: dict, folder: Path) -> Outcome:
         return Outcome(False, f"the run ended (exit {proc.returncode}) before a part appeared")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    deadline = time.time() + 10
+    deadline = time.time() + 30  # DataLoader workers notice a dead parent on their next watchdog poll (5 s)
     while _group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.1)
     if _group_alive(proc.pid):
