@@ -242,7 +242,8 @@ def check_shapes(store: FeatureStore) -> None:
             if f[key].shape != (V, N):
                 raise bad(f"{key} has shape {f[key].shape}, not ({V}, {N})")
         for key, ds in streams:
-            if ds.shape[:2] != (V, N) or ds.ndim != (5 if key.endswith("conv") else 3):
+            conv_ndim = (5, 3)  # conv: (V, N, Cf, h, w) maps or (V, N, D) feature vectors
+            if ds.shape[:2] != (V, N) or ds.ndim not in (conv_ndim if key.endswith("conv") else (3,)):
                 raise bad(f"{key} has shape {ds.shape} for {V} videos of {N} segments")
         return
     S = int(f["segments/t"].shape[0])
@@ -253,5 +254,6 @@ def check_shapes(store: FeatureStore) -> None:
     if (length < 0).any() or not np.array_equal(offset, starts) or int(length.sum()) != S:
         raise bad(f"segments/offset and segments/length do not tile the {S} segment rows")
     for key, ds in [("segments/frame", f["segments/frame"])] + streams:
-        if ds.shape[0] != S or ds.ndim != (4 if key.endswith("conv") else 2 if key.endswith("logits") else 1):
+        want = (4, 2) if key.endswith("conv") else (2,) if key.endswith("logits") else (1,)  # maps or vectors
+        if ds.shape[0] != S or ds.ndim not in want:
             raise bad(f"{key} has shape {ds.shape} for {S} segment rows")

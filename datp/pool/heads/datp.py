@@ -216,9 +216,9 @@ class AuxNet(nn.Module):
                 x = F.relu(F.linear(x.masked_fill(~mask[..., None], 0.0), w, self.spatial.bias))  # (B, N, 64)
             else:
                 if x.dim() != 5 or x.shape[-1] < k or x.shape[-2] < k:
-                    raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>={k}, W>={k}) conv maps or, with "
-                                     f"map_size=1, (B, N, D) vectors; got shape {tuple(x.shape)}; store unpooled conv "
-                                     "features, build the head with map_size=H, or use input='softmax'")
+                    raise ValueError(f"datp with input='conv' needs (B, N, Cf, H>={k}, W>={k}) conv maps, got shape "
+                                     f"{tuple(x.shape)} (feature vectors (B, N, D) need map_size=1); store unpooled "
+                                     "conv features, build the head with map_size=H, or use input='softmax'")
                 x = x.masked_fill(~mask[..., None, None, None], 0.0)
                 if x.shape[-2:] == (k, k):
                     # A conv whose kernel covers the whole map is one matrix product with the flattened map;
