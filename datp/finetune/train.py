@@ -168,7 +168,8 @@ def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
         if out.exists() and not out.is_dir():
             return {"error": f"--out {out} is a file; give a folder for the finetune run"}
         ours = {ckpt_io.CONFIG, ckpt_io.LAST, ckpt_io.BEST, ckpt_io.METRICS}  # a start that saved no epoch
-        if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
+        # a killed run may also leave the temporaries of those files (`last.pt.tmp`, `.metrics.json.tmp<pid>`)
+        if out.is_dir() and any(p.name.lstrip(".").split(".tmp")[0] not in ours for p in out.iterdir()):
             return {"error": f"--out {out} holds files datp finetune did not write; give another --out"}
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.write_json(out / ckpt_io.CONFIG, cfg.plain())
