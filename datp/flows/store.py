@@ -29,8 +29,18 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from datp.io.atomic import (atomic_path, commit, ensure_space, finished_parts, parts_dir,
-                             unique_tmp, write_bytes, write_error, writing)
+from datp.io.atomic import (
+    atomic_path,
+    commit,
+    ensure_space,
+    finished_parts,
+    parts_dir,
+    read_back,
+    unique_tmp,
+    write_bytes,
+    write_error,
+    writing,
+)
 from datp.io.datasets import Record, safe_name
 from datp.io.h5header import StoreError, check_header, header, open_h5
 
@@ -103,7 +113,7 @@ class FlowPartWriter:
                                    f"{attrs['num_frames']} frames")
             handle.flush()
             handle.close()
-            _read_back(tmp)  # a close that failed without saying so is caught here
+            read_back(tmp, check_part)  # a close that failed without saying so is caught here
             if self._on_first_done is not None:
                 self._on_first_done()
                 self._on_first_done = None
@@ -134,16 +144,6 @@ def _drop(handle: h5py.File, tmp: Path) -> None:
     except (OSError, RuntimeError, ValueError):
         pass
     tmp.unlink(missing_ok=True)
-
-
-def _read_back(tmp: Path) -> None:
-    """Check a part just written; one that does not read back is a failed write."""
-    import errno
-
-    try:
-        check_part(tmp)
-    except StoreError as err:
-        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None
 
 
 def check_part(path: Path) -> str:

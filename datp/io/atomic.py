@@ -293,3 +293,16 @@ def write_bytes(path: Path, data: bytes) -> None:
     except OSError as err:
         Path(path).unlink(missing_ok=True)
         raise write_error(path, err, hdf5=False) from err
+
+
+def read_back(tmp: Path, check) -> None:
+    """Check a part just written with its store's `check(path)` (which raises StoreError when the part
+    does not read back); such a part is a failed write, raised as `write_error`."""
+    import errno
+
+    from datp.io.h5header import StoreError
+
+    try:
+        check(tmp)
+    except StoreError as err:
+        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None

@@ -31,9 +31,9 @@ from datp.io.atomic import (
     ensure_space,
     finished_parts,
     parts_dir,
+    read_back,
     unique_tmp,
     write_bytes,
-    write_error,
     writing,
 )
 from datp.io.datasets import safe_name
@@ -71,23 +71,13 @@ def write_part(out: Path, video_id: str, features: VideoFeatures, *, label: int 
                 f.create_dataset(key, data=value, chunks=value.shape if value.size else None,
                                  fletcher32=bool(value.size))
         write_bytes(tmp, image.getbuffer())
-        _read_back(tmp)  # a close that failed without saying so is caught here
+        read_back(tmp, check_part)  # a close that failed without saying so is caught here
         with writing(tmp):
             commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _read_back(tmp: Path) -> None:
-    """Check a part just written; one that does not read back is a failed write."""
-    import errno
-
-    try:
-        check_part(tmp)
-    except StoreError as err:
-        raise write_error(tmp, OSError(errno.EIO, f"it does not read back ({err})")) from None
 
 
 def check_part(path: Path) -> str:
