@@ -1,8 +1,8 @@
 """Cost of `train-head` on a large feature store, and of DATP against the backbone it sits on.
 
 On a synthetic feature store of V videos x N segments x 512x7x7 float16 (default 10,000 x 10, about
-5 GB before compression; written in blocks to a temporary folder, gzip level 1 like the stores of
-`datp extract-features`):
+5 GB before compression; written in blocks to a temporary folder, with the conv-map compression of
+`datp extract-features`'s stores, `--compression` to pick another):
 
 1. Epoch time of `train_head --head datp --datp-input conv` (linear segment classifier) against the
    same model stepping over in-memory tensors (a float16 tensor already in RAM, one `.float()` per
@@ -42,16 +42,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datp.extract.store import FeatureStore, base_attrs  # noqa: E402
+from datp.extract.store.schema import CONV_COMPRESSION, DEFAULT_CONV_COMPRESSION  # noqa: E402
 
 NUM_CLASSES = 101
 CF, H, W = 512, 7, 7
 BLOCK = 200  # videos generated and written at a time
 
 
-COMPRESSION = {"gzip1": {"compression": "gzip", "compression_opts": 1}, "lzf": {"compression": "lzf"}, "none": {}}
+COMPRESSION = CONV_COMPRESSION  # the feature store's choices: none (its default), lzf, gzip (level 1)
 
 
-def write_store(path: Path, videos: int, segments: int, seed: int = 0, compression: str = "gzip1") -> float:
+def write_store(path: Path, videos: int, segments: int, seed: int = 0,
+                compression: str = DEFAULT_CONV_COMPRESSION) -> float:
     """A fixed-layout feature store in the documented schema, written block by block with h5py.
 
     `datp.extract.store.build_store` takes every video in memory or as part files; a 5 GB bench store
@@ -148,7 +150,26 @@ def _train_head(store_path: str, out: str, epochs: int, batch_size: int, max_ram
     timing = result["timing"]
     queue.put({"epoch_seconds": [e["train_seconds"] for e in timing["epochs"]],
                "val_seconds": [e["val_seconds"] for e in timing["epochs"]], "load_seconds": timing["load_seconds"],
-               "data": timing["data"], "peak_rss_gib": _peak_gib()})
+               "data": timing["data"], "videos": result["split"]["train"], "peak_rss_gib": _peak_gib()})
+
+
+def _drop_page_cache() -> None:
+    """Write back and drop the kernel's page cache, so the next read of the store comes from disk."""
+    import os
+
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:
+        raise SystemExit(f"--cold needs root on Linux to drop the page cache ({err})") from None
+
+
+def _available_gib() -> float:
+    """MemAvailable of /proc/meminfo (Linux), in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def _forward_ratio(videos: int, segments: int, repeats: int, queue) -> None:
@@ -249,8 +270,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="folder for the temporary store (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the store and runs")
-    parser.add_argument("--compression", choices=sorted(COMPRESSION), default="gzip1",
-                        help="compression of the bench store's conv maps (extract-features writes gzip1)")
+    parser.add_argument("--compression", choices=sorted(COMPRESSION), default=DEFAULT_CONV_COMPRESSION,
+                        help="compression of the bench store's conv maps (default: what extract-features writes)")
+    parser.add_argument("--large-videos", type=int, default=0,
+                        help="also stream one epoch from a store of this many videos (e.g. 44000: ~24 GB, more "
+                             "than the RAM of a 24 GB box), against the bare rate of part 1 (0: skip)")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache before each streamed run (needs root; Linux)")
     parser.add_argument("--compare-videos", type=int, default=300,
                         help="videos per store in the compression comparison (0: skip it)")
     parser.add_argument("--study-videos", type=int, default=400,
@@ -290,10 +316,24 @@ def main() -> None:
               flush=True)
         for round_ in range(args.rounds):
             for name, (target, extra) in modes.items():
+                if args.cold and name == "stream":
+                    _drop_page_cache()
                 runs[name].append(_child(args.threads, target, str(store), str(folder / f"{name}{round_}"),
                                          args.epochs, args.batch_size, *extra))
                 print(f"round {round_ + 1} {name}: epochs {[round(e, 1) for e in runs[name][-1]['epoch_seconds']]} s",
                       flush=True)
+        large = None
+        if args.large_videos:
+            store.unlink()  # its disk space, and no part of it left in the page cache
+            path = folder / "large.h5"
+            seconds = write_store(path, args.large_videos, args.segments, compression=args.compression)
+            large = {"videos": args.large_videos, "bytes": path.stat().st_size, "write_seconds": seconds}
+            _drop_page_cache() if args.cold else None
+            large["available_gib"] = _available_gib()
+            print(f"large store written in {seconds:.0f} s: {large['bytes'] / 2**30:.1f} GiB on disk, "
+                  f"{large['available_gib']:.1f} GiB of RAM available", flush=True)
+            large["run"] = _child(args.threads, _train_head, str(path), str(folder / "large"), 1, args.batch_size, 0.0)
+            path.unlink()
         fwd = _child(args.threads, _forward_ratio, args.videos_fwd, args.segments, args.repeats)
     finally:
         if not args.keep:
@@ -312,12 +352,20 @@ def main() -> None:
         print(f"   {label} ({runs[name][0]['data']}): {e:.1f} s = {e / b:.2f}x (target <= 1.2x); validation "
               f"{best(name, 'val_seconds'):.1f} s; one-off load {min(r['load_seconds'] for r in runs[name]):.1f} s; "
               f"peak RSS {max(r['peak_rss_gib'] for r in runs[name]):.2f} GiB")
+    if large:
+        per_video = b / videos  # the bare seconds per training video of part 1
+        run = large["run"]
+        e = run["epoch_seconds"][0]
+        print(f"\n5. streamed from a large store: {large['videos']} videos, {large['bytes'] / 2**30:.1f} GiB on disk, "
+              f"{large['available_gib']:.1f} GiB of RAM available: one epoch over {run['videos']} training videos "
+              f"{e:.0f} s ({run['videos'] / e:.0f} videos/s) = {e / (per_video * run['videos']):.2f}x the bare rate of "
+              f"part 1; validation {run['val_seconds'][0]:.0f} s; peak RSS {run['peak_rss_gib']:.2f} GiB")
     if compare:
-        base = compare["gzip1"]
+        base = compare["gzip"]
         print(f"\n3. conv-map compression ({args.compare_videos} videos, read 32 at a time; best of {args.rounds}):")
         for name, c in compare.items():
-            print(f"   {name:>5}: {c['bytes'] / 1e6:7.0f} MB ({c['bytes'] / base['bytes']:.2f}x gzip1's size), "
-                  f"{c['videos_per_s']:6.0f} videos/s ({c['videos_per_s'] / base['videos_per_s']:.2f}x gzip1's speed)")
+            print(f"   {name:>5}: {c['bytes'] / 1e6:7.0f} MB ({c['bytes'] / base['bytes']:.2f}x gzip's size), "
+                  f"{c['videos_per_s']:6.0f} videos/s ({c['videos_per_s'] / base['videos_per_s']:.2f}x gzip's speed)")
     if study:
         one, seven = (min(r["seconds"] for r in study[k]) for k in ("one study", "seven runs"))
         print(f"\n4. seven heads ({', '.join(h for h, _ in STUDY)}) x {args.epochs} epoch(s) on {args.study_videos} "
@@ -325,7 +373,7 @@ def main() -> None:
     frac = fwd["datp_seconds"] / fwd["resnet34_seconds"]
     print(f"\n2. forward over {fwd['images']} segments (224 px): ResNet-34 {fwd['resnet34_seconds'] * 1e3:.0f} ms, "
           f"DATP head {fwd['datp_seconds'] * 1e3:.2f} ms = {100 * frac:.2f}% (target < 2%)")
-    print(json.dumps({**runs, "forward": fwd, "compression": compare, "study": study}))
+    print(json.dumps({**runs, "forward": fwd, "compression": compare, "study": study, "large": large}))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ class SegmentData:
             started = time.perf_counter()
             self._fill(progress)
             self.load_seconds = time.perf_counter() - started
+        elif self.nbytes > PROCESS_READER_BYTES:
+            from datp.pool.stream import StoreReader
+
+            # started now, so the worker's start (seconds) overlaps the caller's statistics pass
+            self._reader = StoreReader(store.path, streams=self.streams, conv=conv, pad_to=pad_to)
         self.norm = norm
 
     @property
@@ -128,7 +133,7 @@ class SegmentData:
         if self.in_ram and self.conv:
             for stream, conv in self._conv.items():  # once, in place, a block at a time
                 for start in range(0, len(conv), LOAD_BLOCK):
-                    conv[start:start + LOAD_BLOCK] = norm[stream](conv[start:start + LOAD_BLOCK].float())
+                    conv[start:start + LOAD_BLOCK] = norm[stream].half(conv[start:start + LOAD_BLOCK])
 
     def close(self) -> None:
         """Stop the read-ahead worker process, if one was started (also done on garbage collection)."""
@@ -197,13 +202,8 @@ class SegmentData:
         if self.in_ram or len(chunks) < 2:
             yield from (self.load(c) for c in chunks)
             return
-        if self.nbytes > PROCESS_READER_BYTES:
-            if self._reader is None:
-                from datp.pool.stream import StoreReader
-
-                self._reader = StoreReader(self.store.path, streams=self.streams, conv=self.conv, pad_to=self.pad_to,
-                                           norm=self.norm)
-            yield from self._reader.batches(chunks)
+        if self._reader is not None:
+            yield from self._reader.batches(chunks, self.norm if self.conv else None)
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self.load, chunks[0])

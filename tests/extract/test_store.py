@@ -332,3 +332,27 @@ def test_a_rerun_with_other_videos_keeps_the_earlier_rows(tmp_path):
     everything = tmp_path / "everything.h5"
     fstore.write_features(everything, VIDEOS, feats, _attrs())
     _assert_same_arrays(_arrays(out), _arrays(everything))
+
+
+@pytest.mark.parametrize("name,filter_", [(None, None), ("none", None), ("lzf", "lzf"), ("gzip", "gzip")])
+@pytest.mark.parametrize("layout", ["fixed", "ragged"])
+def test_conv_compression_is_the_recorded_choice_and_reads_the_same(tmp_path, name, filter_, layout):
+    """The conv maps are stored with the filter the `conv_compression` attr names (default none, the
+    fastest to read); every choice reads back the same values."""
+    n = 4 if layout == "fixed" else 3
+    feats = {"c/v0": _features(n, 0), "c/v2": _features(n, 2)}
+    out = tmp_path / f"{name}.h5"
+    fstore.write_features(out, VIDEOS, feats, _attrs(layout, **({} if name is None else {"conv_compression": name})))
+    with h5py.File(out, "r") as f:
+        assert f["rgb/conv"].compression == filter_ and f["flow/conv"].compression == filter_
+        assert f["rgb/logits"].compression is None
+    with FeatureStore(out) as store:
+        rows = [store.ids.index(v) for v in feats]
+        batch = store.load(rows, streams=["rgb", "flow"], conv=True)
+        for b, v in enumerate(feats):
+            _check_video(batch, b, feats[v])
+
+
+def test_an_unknown_conv_compression_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="'zstd' is not one of none, lzf, gzip"):
+        fstore.write_features(tmp_path / "x.h5", VIDEOS, {"c/v0": _features(4, 0)}, _attrs(conv_compression="zstd"))

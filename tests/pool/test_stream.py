@@ -95,3 +95,42 @@ def test_train_head_streamed_by_a_worker_equals_ram(store, tmp_path, monkeypatch
     assert streamed["top1"] == ram["top1"] and streamed["best_epoch"] == ram["best_epoch"]
     a, b = load_run(tmp_path / "ram").head.state_dict(), load_run(tmp_path / "stream").head.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 600, 7, 7), (2, 5, 6, 3, 3), (4, 7, 1000), (0, 5, 6, 3, 3)])
+def test_blockwise_norm_is_the_whole_batch_formula_bit_for_bit(shape):
+    """`ChannelNorm.half` runs ~1 MiB blocks on CPU; every block boundary (shape 1 splits a batch into
+    8-row blocks) must give the bits of one float32 multiply-add over the batch, clamp included."""
+    g = torch.Generator().manual_seed(0)
+    conv = (torch.randn(shape, generator=g) * 50).half()
+    c = shape[2]
+    norm = ChannelNorm(torch.randn(c, generator=g), torch.rand(c, generator=g) * 1e-3 + 1e-6)  # some overflow
+    view = (-1,) + (1,) * (len(shape) - 3)
+    whole = torch.addcmul((-norm.mean / norm.std).view(view), conv.float(), (1.0 / norm.std).view(view))
+    want = whole.clamp(-65504.0, 65504.0).half()
+    got = norm.half(conv)
+    assert got.dtype == torch.float16 and got.shape == conv.shape
+    assert torch.equal(got, want)
+    if conv.numel():
+        assert bool((want.abs() == 65504.0).any())  # the clamp was exercised
+    assert torch.equal(norm(conv), want.float())
+
+
+def test_worker_ring_grows_for_a_larger_batch_and_stays_exact(store, monkeypatch):
+    """The worker's shared batch buffers are sized by the first batch; a later pass with larger
+    batches gets a new ring, and every batch of either pass equals the in-RAM batch."""
+    monkeypatch.setattr(data_module, "PROCESS_READER_BYTES", 0)
+    with FeatureStore(store) as fs:
+        rows = fs.indices("train")
+        ram = SegmentData(fs, rows, streams=["rgb"], conv=True, pad_to=5, max_ram_gb=1.0)
+        norm = fit_norms(ram, rows)
+        ram.norm = norm
+        streamed = SegmentData(fs, rows, streams=["rgb"], conv=True, pad_to=5, max_ram_gb=0.0, norm=norm)
+        order = np.random.default_rng(2).permutation(rows)
+        for size in (3, 7, 2, 20):  # more batches than buffers, then larger, smaller, and all at once
+            want = [(b.conv["rgb"], b.logits["rgb"], b.t, b.mask, b.label, b.index) for b in ram.batches(order, size)]
+            got = [(b.conv["rgb"], b.logits["rgb"], b.t, b.mask, b.label, b.index)
+                   for b in streamed.batches(order, size)]
+            assert len(got) == len(want) == -(-len(order) // size)
+            assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+        streamed.close()

@@ -21,6 +21,7 @@ from datp.extract.store.schema import (
     StoreError,
     VideoFeatures,
     VideoRow,
+    conv_filters,
     is_final,
     stored_attrs,
     write_videos,
@@ -243,9 +244,9 @@ def build_store(out: Path, videos: Sequence[VideoRow], attrs: dict, streams: Seq
                     if key.endswith("conv"):
                         chunks = ((max(1, min(int(lengths.max(initial=1)), 64)),) + tuple(tail)
                                   if ragged else (1,) + shape[1:])
+                    filters = conv_filters(attrs) if key.endswith("conv") else {}
                     ds = f.create_dataset(dest, shape=shape, dtype=dtype, chunks=chunks if all(shape) else None,
-                                          compression="gzip" if key.endswith("conv") else None,
-                                          compression_opts=1 if key.endswith("conv") else None)
+                                          **filters)
                     for (kind, src), row, m in zip(sources, rows, lengths):
                         if m:
                             ds[row] = _read(kind, src, key)

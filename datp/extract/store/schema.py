@@ -21,8 +21,19 @@ BASE_NAME = "_store_base.hdf5"  # a finished store moved aside by a rerun (parts
 STREAMS = ("rgb", "flow")
 STR_DTYPE = h5py.string_dtype("utf-8")
 
+# HDF5 filters of the conv maps in final stores, by the name recorded in the `conv_compression` attr.
+# Chosen by measurement (`python bench/heads.py`, docs/stage-two.md): reading is what stage two pays
+# for every head and epoch, writing happens once. On the demo's real float16 maps, one video per
+# chunk, read a video at a time on one core: gzip level 1 keeps 0.70 of the raw bytes at ~500
+# videos/s, lzf 0.83 at ~950, none 1.00 at 7,000-11,000 (4x4 maps); at 512x7x7, 138 / 426 / 1,573
+# videos/s, and only "none" keeps a streamed epoch within 1.2x of the heads' compute on two cores.
+# So "none" is the default and the others are there for disks that matter more than time.
+CONV_COMPRESSION = {"none": {}, "lzf": {"compression": "lzf"},
+                    "gzip": {"compression": "gzip", "compression_opts": 1}}
+DEFAULT_CONV_COMPRESSION = "none"
+
 __all__ = ["BASE_NAME", "KIND", "SCHEMA", "STREAMS", "StoreError", "VideoFeatures", "VideoRow",
-           "base_attrs", "is_final", "plain_attrs", "stored_attrs", "write_videos"]
+           "CONV_COMPRESSION", "DEFAULT_CONV_COMPRESSION", "base_attrs", "conv_filters", "is_final", "plain_attrs", "stored_attrs", "write_videos"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,14 @@ def base_attrs(*, layout: str, class_names: Sequence[str], new_length: dict, set
     for key, value in extra.items():
         attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return attrs
+
+
+def conv_filters(attrs: dict) -> dict:
+    """The h5py filter arguments for the conv maps of a store with `attrs` (default: none)."""
+    name = attrs.get("conv_compression", DEFAULT_CONV_COMPRESSION)
+    if name not in CONV_COMPRESSION:
+        raise ValueError(f"conv compression {name!r} is not one of {', '.join(CONV_COMPRESSION)}")
+    return CONV_COMPRESSION[name]
 
 
 def write_videos(f: h5py.File, rows: Sequence[VideoRow]) -> None:
