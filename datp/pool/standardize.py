@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datp.pool.data import LOAD_BLOCK, SegmentData
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -70,9 +69,12 @@ class ChannelNorm:
         return cls(state["mean"].float(), state["std"].float())
 
 
-def fit_norms(data: SegmentData, rows: Sequence[int], *, batch_size: int = LOAD_BLOCK) -> dict[str, ChannelNorm]:
+def fit_norms(data, rows: Sequence[int], *, batch_size: int = 64) -> dict[str, ChannelNorm]:
     """{stream: ChannelNorm} of the raw features: mean and std of each channel over the real segments
-    (all positions) of `rows`, accumulated in float64 in one pass over the data for every stream."""
+    (all positions) of `rows`, accumulated in float64 in one pass over the data for every stream.
+
+    `data` is a `datp.pool.data.SegmentData` (not imported here: data's streaming worker uses
+    `ChannelNorm`, so this module stays below data.py)."""
     rows = np.asarray(rows, np.int64)
     sums = {s: [0.0, 0.0, 0] for s in data.streams}  # sum, sum of squares, count per stream
     for start in range(0, len(rows), batch_size):
