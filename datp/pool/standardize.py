@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
