@@ -261,6 +261,7 @@ def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: 
         with writing(out), atomic_path(out) as tmp:
             with h5py.File(tmp if final else image, "w") as f:
                 f.attrs.update(_file_attrs(settings))
+                f.attrs["index_only"] = not final  # readers other than the run itself refuse an index
                 videos = f.create_group("videos")
                 for name in names:
                     if name in parts:
@@ -293,7 +294,9 @@ class FlowStore:
         ...     flow = store.flow("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01", dequantize=True)
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, unfinished: bool = False):
+        """Open `path`; an unfinished store (the index of an extract-flow run that was interrupted or
+        is still running) is a StoreError unless `unfinished` (what extract-flow itself passes)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"{self.path}: no such flow store; run datp extract-flow first")
@@ -303,12 +306,18 @@ class FlowStore:
                          fix="re-run datp extract-flow or use a matching datp")
             self.settings = json.loads(self._file.attrs["settings"])
             videos = self._file["videos"]
+            index = bool(self._file.attrs.get("index_only", False))
             for name in videos:  # an index whose parts moved: name the missing file now
                 link = videos.get(name, getlink=True)
                 if isinstance(link, h5py.ExternalLink) and not (
                         self.path.parent / link.filename).is_file():
                     raise StoreError(f"{self.path}: video {name} links to {link.filename}, which "
                                      "is missing; rerun the extract-flow (or merge) that wrote it")
+                # a link into a part (not a merged shard's /videos/...): an index, also of older datps
+                index = index or (isinstance(link, h5py.ExternalLink) and link.path == "/video")
+            if index and not unfinished:
+                raise StoreError(f"{self.path} is an unfinished flow store (an extract-flow run into it was "
+                                 "interrupted or is still running); rerun that datp extract-flow to finish it")
             self._names = {videos[n].attrs["id"]: n for n in videos}
         except BaseException:
             self._file.close()
