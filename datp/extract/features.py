@@ -120,7 +120,7 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
     absent = {r.id for r in missing}
     todo = [r for r in records if r.id not in finished and r.id not in absent]
     summary = Summary(skipped=len(records) - len(todo) - len(absent & {r.id for r in records}))
-    failure_log = FailureLog(Path(f"{out}.failures.csv"))
+    failure_log = FailureLog(Path(f"{out}.failures.csv"), {r.id for r in records})
     for record in missing:
         if record in records:
             failure_log.add(record, "video file not found")

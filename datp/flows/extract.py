@@ -217,7 +217,7 @@ def _extract_flow(dataset, cfg, out, progress, missing) -> Summary:
                              on_first_done=lambda: write_marker(marker, settings))
     absent = {r.id for r in missing}
     todo = [r for r in records if r.id not in finished and r.id not in absent]
-    failure_log = FailureLog(Path(f"{out}.failures.csv"))
+    failure_log = FailureLog(Path(f"{out}.failures.csv"), {r.id for r in records})
     for record in missing:
         if record in records:
             failure_log.add(record, "video file not found")

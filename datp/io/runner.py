@@ -15,15 +15,16 @@ small hand-written pool over `multiprocessing` queues.
 from __future__ import annotations
 
 import csv
+import io
 import multiprocessing as mp
 import queue
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
-from datp.io.atomic import die_with_parent
+from datp.io.atomic import atomic_path, die_with_parent, write_bytes
 from datp.io.datasets import Record
 
 EXIT_OK = 0
@@ -54,23 +55,53 @@ class Summary:
 
 
 class FailureLog:
-    """`<out>.failures.csv`: one row (id, path, reason) per failed video, flushed as it happens."""
+    """`<out>.failures.csv`: one row (id, path, reason) per failed video, flushed as it happens.
 
-    def __init__(self, path: Path):
+    Like the store it sits beside, it holds every run's: the rows an earlier run left for videos
+    this run does not process (another list, another shard) are kept; the rows of this run's videos
+    are this run's to write (a video that failed before and is done now loses its row). A file with
+    another header is not datp's and is refused, never overwritten.
+    """
+
+    HEADER = ["id", "path", "reason"]
+
+    def __init__(self, path: Path, this_run: Iterable[str] = ()):
         self.path = Path(path)
         self._file = None
+        self._earlier: list[list[str]] = []
+        if self.path.is_file():
+            try:
+                with self.path.open(newline="", encoding="utf-8") as f:
+                    rows = list(csv.reader(f))
+            except (OSError, UnicodeDecodeError, csv.Error) as err:
+                raise ValueError(f"{self.path} cannot be read as a datp failures file ({err}); move it away") from None
+            if not rows or rows[0] != self.HEADER:
+                raise ValueError(f"{self.path} is not a failures file datp wrote (its header is not "
+                                 f"{','.join(self.HEADER)}); move it away or choose another --out")
+            ids = set(this_run)
+            self._earlier = [r for r in rows[1:] if r and r[0] not in ids]
+
+    def _start(self) -> None:
+        """The earlier runs' rows written whole (atomically), then this run's appended as they come."""
+        text = io.StringIO()
+        csv.writer(text).writerows([self.HEADER, *self._earlier])
+        with atomic_path(self.path) as tmp:
+            write_bytes(tmp, text.getvalue().encode("utf-8"))
+        self._file = self.path.open("a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
 
     def add(self, record: Record, reason: str) -> None:
         if self._file is None:
-            self._file = self.path.open("w", newline="", encoding="utf-8")
-            self._writer = csv.writer(self._file)
-            self._writer.writerow(["id", "path", "reason"])
+            self._start()
         self._writer.writerow([record.id, str(record.path), reason])
         self._file.flush()
 
     def close(self) -> None:
+        if self._file is None and self._earlier:
+            self._start()  # this run failed nothing; the earlier runs' failures stay
         if self._file is not None:
             self._file.close()
+            self._file = None
         elif self.path.exists():
             self.path.unlink()  # a clean rerun leaves no stale failures behind
 

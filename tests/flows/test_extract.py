@@ -71,6 +71,12 @@ def test_stress_files_fail_alone_and_the_run_goes_on(tmp_path):
     # a rerun redoes only the failures, which fail again; nothing already done is lost
     code, output = flow_cli(stress, "--out", out, "--short-side", 32, "--algorithm", "dis", "--quiet")
     assert code == 3 and "0 done, 10 already done, 2 failed" in output
+    # a run on another list keeps the earlier runs' failures, as the store keeps their videos
+    code, output = flow_cli(stress / "video_90.mov", "--out", out, "--short-side", 32, "--algorithm", "dis",
+                            "--quiet")
+    assert code == 0 and "1 already done" in output, output
+    failures = (tmp_path / "stress.h5.failures.csv").read_text().splitlines()
+    assert failures[0] == "id,path,reason" and {line.split(",")[0] for line in failures[1:]} == {"corrupted", "result"}
 
 
 def test_missing_video_named_with_its_list_line(tmp_path, video_dir):

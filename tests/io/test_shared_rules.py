@@ -68,3 +68,40 @@ def test_class_names_or_numbers():
     assert class_names_or_numbers(["a", "b"], [0, 5]) == ["a", "b"]
     assert class_names_or_numbers([], np.array([2, -1, 0])) == ["0", "1", "2"]
     assert class_names_or_numbers([], [-1]) == []
+
+
+def _rows(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_failures_file_keeps_other_runs_rows_and_rewrites_this_runs(tmp_path):
+    """`<out>.failures.csv` is the union over runs, like its store: rows of videos this run does not
+    process stay; this run's videos get this run's outcome; a file datp did not write is refused."""
+    from datp.io.datasets import Record
+    from datp.io.runner import FailureLog
+
+    path = tmp_path / "out.h5.failures.csv"
+    first = FailureLog(path, {"a", "b", "c"})
+    first.add(Record("a", tmp_path / "a.mp4", 0, "train"), "corrupt stream")
+    first.add(Record("b", tmp_path / "b.mp4", 0, "train"), "empty file")
+    first.close()
+    assert [r[0] for r in _rows(path)] == ["id", "a", "b"]
+    # another list (b again, d new): a's row stays, b is this run's (now done: no row), d fails
+    second = FailureLog(path, {"b", "d"})
+    second.add(Record("d", tmp_path / "d.mp4", 1, "test"), "video file not found")
+    assert [r[0] for r in _rows(path)] == ["id", "a", "d"]  # written as it happens, not at the end
+    second.close()
+    assert _rows(path)[1] == ["a", str(tmp_path / "a.mp4"), "corrupt stream"]
+    # a run that fails nothing still keeps the others' rows; once every failed video is done, no file
+    FailureLog(path, {"c"}).close()
+    assert [r[0] for r in _rows(path)] == ["id", "a", "d"]
+    FailureLog(path, {"a", "d"}).close()
+    assert not path.exists()
+    # not datp's: refused, untouched
+    path.write_text("name,score\nx,1\n")
+    with pytest.raises(ValueError, match="not a failures file datp wrote"):
+        FailureLog(path, {"x"})
+    assert path.read_text() == "name,score\nx,1\n"
