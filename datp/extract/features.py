@@ -30,7 +30,7 @@ import torch
 
 from datp.extract import store as fstore
 from datp.extract.loader import FeatureConfig, VideoItems, flow_settings
-from datp.io.atomic import die_with_parent, isolated
+from datp.io.atomic import die_with_parent, ensure_shared_memory, isolated
 from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
 from datp.io.h5header import check_output
@@ -210,11 +210,20 @@ def _worker_died(err: RuntimeError) -> bool:
     return "DataLoader worker" in str(err)
 
 
+def _item_bytes(cfg: FeatureConfig) -> int:
+    """About the float32 bytes of one prepared video: segments x crops x (3 RGB + 2L flow channels) x
+    crop^2 (a stride store's videos vary: counted as 64 segments)."""
+    segments = 64 if cfg.stride else cfg.num_segments
+    channels = (3 if "rgb" in cfg.streams else 0) + (2 * cfg.new_length if "flow" in cfg.streams else 0)
+    return segments * cfg.num_crops * channels * cfg.input_size ** 2 * 4
+
+
 def _items(todo: list[Record], cfg: FeatureConfig, flow: dict):
     """The prepared items of `todo`, in order. A video whose worker process dies (a crash in
     native code, an OOM kill) is yielded as failed and the rest goes on, as in extract-flow:
     after a death, each video the dead pool may have held is redone alone in a fresh worker."""
     dataset = VideoItems(todo, cfg, flow)
+    ensure_shared_memory(cfg.workers * PREFETCH * _item_bytes(cfg), workers=cfg.workers)
     remaining = list(range(len(todo)))
     while remaining:
         got = set()

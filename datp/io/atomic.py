@@ -229,6 +229,26 @@ def ensure_space(path: Path, nbytes: int) -> None:
                       str(path))
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def ensure_shared_memory(nbytes: int, *, workers: int) -> None:
+    """Raise OSError(ENOSPC) when the shared memory that DataLoader workers hand their items over in
+    (`/dev/shm` on Linux) has less than `nbytes` free: a worker that cannot write its item there dies
+    of SIGBUS or stalls mid-run, the classic failure in containers (Docker's default is 64 MB).
+    Nothing is checked where there is no /dev/shm."""
+    import errno as _errno
+    import shutil
+
+    if workers <= 0 or not SHARED_MEMORY.is_dir():
+        return
+    free = shutil.disk_usage(SHARED_MEMORY).free
+    if free < nbytes:
+        raise OSError(_errno.ENOSPC, f"{workers} worker(s) need about {nbytes / 2**20:.0f} MiB of shared "
+                      f"memory to hand over their videos and {free / 2**20:.0f} MiB are free: free it, enlarge it "
+                      "(docker run --shm-size=2g), or pass --workers 0", str(SHARED_MEMORY))
+
+
 def isolated(fn, *args, out: Path, **kwargs):
     """`fn(*args, **kwargs)` in a spawned child process: for writing a whole store, where HDF5
     can crash the process (a double free, a segfault) when a write fails inside it. The child's
