@@ -13,7 +13,8 @@ from datp.io.rawframes import LIST_FORMATS
 D = defaults(FeatureConfig)
 
 
-@click.command("extract-features", epilog=SOURCE_HELP + " Exit codes as extract-flow.")
+@click.command("extract-features", epilog=SOURCE_HELP + " Also mmaction2's rawframe lists "
+               "'<frame_dir> <total_frames> <label>...' (docs/rawframes.md). Exit codes as extract-flow.")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature store (HDF5).")
 @click.option("--backbone", default=D["backbone"], show_default=True,

@@ -177,7 +177,7 @@ def _external_flow(cfg: FeatureConfig, path: Path | None, records: list[Record])
     layout, _ = detect_layout(first, prefixes=cfg.flow_prefixes, start=cfg.flow_start)
     return {"source": source, "algorithm": "external", "preset": None, "bound": cfg.flow_bound,
             "short_side": None, "size": None,
-            "layout": {"x": layout.x, "y": layout.y, "start": layout.start, "detected_on": str(first)}}
+            "layout": {"x": layout.x, "y": layout.y, "start": layout.start}}
 
 
 def flow_folder(source: str, record: Record) -> Path:

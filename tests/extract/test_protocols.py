@@ -25,14 +25,14 @@ def ten_crops_by_hand(x: torch.Tensor, S: int) -> torch.Tensor:
     """TSN's GroupOverSample / torchvision's ten_crop: 4 corners + centre, then the same five of
     the mirrored image. (N, C, H, W) -> (N, 10, C, S, S)."""
     H, W = x.shape[-2:]
-    top, left = int(round((H - S) / 2.0)), int(round((W - S) / 2.0))
+    top, left = round((H - S) / 2.0), round((W - S) / 2.0)  # torchvision center_crop
     def five(img):
         return [img[..., :S, :S], img[..., :S, W - S:], img[..., H - S:, :S], img[..., H - S:, W - S:],
                 img[..., top:top + S, left:left + S]]
     return torch.stack(five(x) + five(x.flip(-1)), 1)
 
 
-@pytest.mark.parametrize("H, W, S", [(9, 13, 5), (240, 320, 224), (256, 340, 224), (7, 7, 7)])
+@pytest.mark.parametrize("H, W, S", [(9, 13, 5), (10, 15, 5), (240, 320, 224), (256, 340, 224), (7, 7, 7)])
 def test_ten_crops_by_hand_and_torchvision(H, W, S):
     x = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(H * W))
     got = crop_views(x, resize=None, crop=S, num_crops=10)
