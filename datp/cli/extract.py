@@ -8,11 +8,13 @@ import click
 
 from datp.cli.common import SOURCE_HELP, defaults, finish, user_errors
 from datp.extract.features import FeatureConfig
+from datp.io.rawframes import LIST_FORMATS
 
 D = defaults(FeatureConfig)
 
 
-@click.command("extract-features", epilog=SOURCE_HELP + " Exit codes as extract-flow.")
+@click.command("extract-features", epilog=SOURCE_HELP + " Also mmaction2's rawframe lists "
+               "'<frame_dir> <total_frames> <label>...' (docs/rawframes.md). Exit codes as extract-flow.")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature store (HDF5).")
 @click.option("--backbone", default=D["backbone"], show_default=True,
@@ -26,18 +28,32 @@ D = defaults(FeatureConfig)
               help="Segments per video (TSN test sampling: centres of N equal parts).")
 @click.option("--stride", type=int, default=D["stride"],
               help="One segment every S frames instead (untrimmed videos; variable N).")
+@click.option("--stride-seconds", type=float, default=D["stride_seconds"],
+              help="One segment every S seconds instead (from each video's frame rate).")
+@click.option("--protocol", type=click.Choice(["tsn"]), default=D["protocol"],
+              help="A named test protocol: tsn = 25 segments x 10 crops (corners, centre and their "
+              "mirror images), scores averaged over crops; replaces --segments and --ten-crop.")
 @click.option("--new-length", type=int, default=D["new_length"], show_default=True,
               help="Flow pairs stacked per segment (2L input channels).")
 @click.option("--flows", type=click.Path(exists=True, path_type=Path), default=None,
               help="Flow store or jpg folder from extract-flow; default: compute on the fly only "
-              "the pairs the segments read.")
+              "the pairs the segments read. Also another tool's flow jpg folders (denseflow, "
+              "dense_flow, mmaction2), one per video id.")
+@click.option("--flow-prefixes", default=None, help="Another tool's flow jpg prefixes X,Y, e.g. "
+              "x_,y_ (default: detected: flow_x_/flow_y_ or x_/y_).")
+@click.option("--flow-start", type=int, default=D["flow_start"],
+              help="Their first number: 0 (denseflow) or 1 (TSN, mmaction2); default: detected.")
 @click.option("--flow-algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default=D["flow_algorithm"],
               show_default=True, help="On-the-fly flow algorithm.")
 @click.option("--flow-preset", default=D["flow_preset"], help="On-the-fly flow preset (see extract-flow).")
 @click.option("--flow-short-side", type=int, default=D["flow_short_side"], show_default=True,
               help="On-the-fly flow: resize the short side first (0: source size).")
 @click.option("--bound", type=float, default=D["flow_bound"], show_default=True,
-              help="On-the-fly flow quantization bound.")
+              help="On-the-fly flow quantization bound (and the bound recorded for another tool's "
+              "flow jpgs).")
+@click.option("--short-side", type=int, default=D["short_side"], show_default=True,
+              help="Decode RGB at this short side (0: the source size, so --resize is torchvision's "
+              "antialiased resize, as the weights' eval transform).")
 @click.option("--resize", type=int, default=D["resize"], show_default=True,
               help="Short side before cropping.")
 @click.option("--input-size", type=int, default=D["input_size"], show_default=True, help="Crop size.")
@@ -52,13 +68,18 @@ D = defaults(FeatureConfig)
 @click.option("--seed", type=int, default=D["seed"], show_default=True, help="Seed of random weights.")
 @click.option("--root", type=click.Path(path_type=Path), default=None)
 @click.option("--split", type=int, default=1, show_default=True)
+@click.option("--list-format", type=click.Choice(LIST_FORMATS), default="auto", show_default=True,
+              help="How list files are read (rawframe lists told from video lists by their fields; "
+              "name rawframes-offset for mmaction2's with_offset lists).")
 @click.option("--skip-missing", is_flag=True, help="Record missing videos as failures and go on.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 @user_errors
-def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams, segments, stride,
-                         new_length, flows, flow_algorithm, flow_preset, flow_short_side, bound,
-                         resize, input_size, ten_crop, batch_size, workers, shard, device, seed,
-                         root, split, skip_missing, quiet):
+def extract_features_cmd(ctx, sources, out, backbone, weights, flow_weights, streams, segments, stride,
+                         stride_seconds, protocol, new_length, flows, flow_prefixes, flow_start,
+                         flow_algorithm, flow_preset, flow_short_side, bound, short_side, resize,
+                         input_size, ten_crop, batch_size, workers, shard, device, seed, root, split,
+                         list_format, skip_missing, quiet):
     """Dump each segment's last conv map and class scores (RGB and flow) to a feature store.
 
     Resumable and crash-safe like extract-flow; every setting is recorded in the store.
@@ -66,15 +87,22 @@ def extract_features_cmd(sources, out, backbone, weights, flow_weights, streams,
     from datp.extract.features import extract_features, shard_out
     from datp.io.datasets import open_dataset, parse_shard
 
+    given = [f"--{n.replace('_', '-')}" for n in ("segments", "ten_crop")
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if protocol and given:
+        raise ValueError(f"--protocol {protocol} sets {' and '.join(given)}; drop them or the protocol")
     cfg = FeatureConfig(
         out=str(out), backbone=backbone, weights=weights, flow_weights=flow_weights,
         streams=tuple(s.strip() for s in streams.split(",") if s.strip()), num_segments=segments,
-        stride=stride, new_length=new_length, flows=str(flows) if flows else None,
-        flow_algorithm=flow_algorithm, flow_preset=flow_preset, flow_bound=bound,
-        flow_short_side=flow_short_side, resize=resize, input_size=input_size,
-        num_crops=10 if ten_crop else 1, batch_size=batch_size, workers=workers,
-        shard=parse_shard(shard), device=device, seed=seed)
-    dataset, missing = open_dataset(list(sources), root=root, split=split, skip_missing=skip_missing)
+        stride=stride, stride_seconds=stride_seconds, protocol=protocol, new_length=new_length,
+        flows=str(flows) if flows else None,
+        flow_prefixes=tuple(p.strip() for p in flow_prefixes.split(",")) if flow_prefixes else None,
+        flow_start=flow_start, flow_algorithm=flow_algorithm, flow_preset=flow_preset,
+        flow_bound=bound, flow_short_side=flow_short_side, short_side=short_side, resize=resize,
+        input_size=input_size, num_crops=10 if ten_crop else 1, batch_size=batch_size,
+        workers=workers, shard=parse_shard(shard), device=device, seed=seed)
+    dataset, missing = open_dataset(list(sources), root=root, split=split, skip_missing=skip_missing,
+                                    list_format=list_format)
     summary = extract_features(dataset, cfg, progress=not quiet, missing=missing)
     finish(summary, Path(f"{shard_out(cfg.out, cfg.shard)}.failures.csv"), "extract-features")
 

@@ -71,16 +71,50 @@ def load_models(cfg: FeatureConfig, class_names: list[str]) -> tuple[dict, dict]
 def _store_attrs(cfg: FeatureConfig, class_names: list[str], info: dict, flow: dict) -> dict:
     first = info[cfg.streams[0]]
     logit_classes = first.get("class_names") or []
+    ragged = cfg.stride is not None or cfg.stride_seconds is not None
+    seconds = {"stride_seconds": cfg.stride_seconds} if cfg.stride_seconds is not None else {}
     return fstore.base_attrs(
-        layout="ragged" if cfg.stride else "fixed", class_names=class_names,
+        layout="ragged" if ragged else "fixed", class_names=class_names,
         new_length={s: (cfg.new_length if s == "flow" else 1) for s in cfg.streams},
-        settings=asdict(cfg), num_segments=cfg.num_segments, stride=cfg.stride,
+        settings=asdict(cfg), num_segments=cfg.num_segments,
+        stride=cfg.stride if cfg.stride is not None else 0, **seconds,
+        preprocess=preprocessing(cfg, info), protocol=cfg.protocol or "none",
         backbone=cfg.backbone, weights=json.dumps({s: i["weights"] for s, i in info.items()}),
         weights_sha256=json.dumps({s: i["sha256"] for s, i in info.items()}),
         input_size=cfg.input_size, crop="center" if cfg.num_crops == 1 else "ten-crop",
         resize=cfg.resize, flow=flow if "flow" in cfg.streams else {},
         models=info, logit_classes=list(logit_classes),
         logits_match_labels=bool(class_names) and list(logit_classes) == list(class_names))
+
+
+def preprocessing(cfg: FeatureConfig, info: dict) -> dict:
+    """The exact transform from decoded frames to backbone inputs, recorded in the store.
+
+    RGB: frames decoded by PyAV (FFmpeg swscale to rgb24) at the source size (or shrunk to
+    `short_side` by swscale's area filter when it is > 0), scaled to float32 [0, 1], then
+    torchvision.transforms.v2.functional resize(short side, bilinear, antialias=True),
+    center_crop (or ten_crop), normalize(mean, std): torchvision's eval transform
+    (`Resize(resize, antialias=True) + CenterCrop(input_size) + Normalize`) on the decoded frames.
+    Flow: decoded at the flow's size, gray, flow, quantized; then (q - 128) / 128, the same resize
+    and crops.
+    """
+    import torchvision
+
+    crop = {"op": "center_crop" if cfg.num_crops == 1 else "ten_crop", "size": cfg.input_size,
+            "views": cfg.num_crops, "average": "conv maps (mirrored views mirrored back) and logits"}
+    resize = {"op": "resize", "size": cfg.resize, "edge": "short side", "interpolation": "bilinear",
+              "antialias": True, "dtype": "float32"}
+    out = {"library": "torchvision.transforms.v2.functional", "torchvision": torchvision.__version__,
+           "resize": resize, "crop": crop}
+    if "rgb" in cfg.streams:
+        out["rgb"] = {"decode": ("source size" if not cfg.short_side else
+                                 f"short side {cfg.short_side} (swscale area) before resize"),
+                      "input": "rgb24 uint8 / 255", "normalize": {
+                          "mean": info["rgb"]["mean"], "std": info["rgb"]["std"]}}
+    if "flow" in cfg.streams:
+        out["flow"] = {"decode": "the flow's size (see attrs flow)", "input": "(q - 128) / 128",
+                       "mirror": "x negated"}
+    return out
 
 
 def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = True,
@@ -111,7 +145,7 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
     from tqdm import tqdm
 
     records = shard_records(dataset.records, *cfg.shard)
-    flow = flow_settings(cfg) if "flow" in cfg.streams else {}
+    flow = flow_settings(cfg, dataset.records) if "flow" in cfg.streams else {}
     models, info = load_models(cfg, dataset.class_names)
     attrs = _store_attrs(cfg, dataset.class_names, info, flow)
     mark = _check_same_run(out, attrs)

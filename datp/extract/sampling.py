@@ -112,6 +112,38 @@ def stride_indices(num_frames: int, stride: int, new_length: int = 1) -> np.ndar
     return np.arange(0, max(num_frames - new_length, 0) + 1, stride, dtype=np.int64)
 
 
+def seconds_indices(num_frames: int, stride_seconds: float, fps: float, new_length: int = 1) -> np.ndarray:
+    """Starts of segments every `stride_seconds` seconds: `stride_indices` with the stride in time.
+
+    Index i is taken to start at time i / fps (frame i of a constant-rate video; flow pair i
+    starts at frame i). Segment k starts at the index nearest to time k * S,
+    `floor(k * (S * fps) + 1/2)` (the step S * fps computed first, halves rounded up), for
+    k = 0, 1, ... while that start is <= T - L, so the starts do not drift when S * fps is not
+    a whole number (1 s at 29.97 fps gives 0, 30, 60, 90, 120, 150, ...,
+    with a stride of 29 between some). Starts closer than one index (S * fps < 1) are kept once.
+    A video shorter than one segment gets the single start 0.
+
+    Args:
+        num_frames: T, the length of the index space (frames for RGB, flow pairs for flow).
+        stride_seconds: S > 0.
+        fps: the video's frame rate (> 0; rawframe folders have none: give a stride in frames).
+        new_length: L.
+
+    Returns:
+        (N,) int64 starts, increasing.
+    """
+    _check(num_frames, 1, new_length)
+    if not stride_seconds > 0:
+        raise ValueError(f"stride_seconds={stride_seconds} must be > 0")
+    if not fps > 0:
+        raise ValueError(f"the video has no frame rate (fps {fps}); a stride in seconds needs one: "
+                         "use --stride in frames")
+    last = max(num_frames - new_length, 0)
+    count = int(np.floor((last + 0.5) / (stride_seconds * fps))) + 1  # every k with start <= last
+    starts = np.floor(np.arange(count + 1) * (stride_seconds * fps) + 0.5).astype(np.int64)
+    return np.unique(starts[starts <= last])
+
+
 def frame_indices(starts: np.ndarray, new_length: int, num_frames: int) -> np.ndarray:
     """Every index each segment reads, clamped to the last valid index.
 

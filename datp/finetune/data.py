@@ -9,6 +9,12 @@ Sampling (TSN): N segments; training draws one random start in each of N equal p
 (`segment_indices(..., "train")`), validation and test take the centres ("test"), as
 extract-features does. RGB reads one frame per segment, flow a stack of L consecutive pairs sampled
 in the space of T - 1 pairs (a flow store's or jpg folder's count).
+
+Rawframe datasets (a rawframe list, `datp.io.rawframes`): RGB is read from each folder's
+`img_*.jpg` at their stored size (`short_side` does not apply); flow from `--flows DIR` where
+`DIR/<id>` holds another tool's flow jpgs (denseflow, dense_flow, mmaction2; prefixes and first
+number detected per folder, `datp.flows.jpg.detect_layout`), or datp's own jpg folder. The list's
+offset applies to both.
 """
 
 from __future__ import annotations
@@ -132,14 +138,14 @@ def flow_counts(records: list[Record], flows: str) -> dict[str, int]:
     """
     counts = {}
     if Path(flows).is_dir():
-        from datp.flows.jpg import count_frames, video_dir
+        from datp.flows.jpg import video_dir
 
         for r in records:
             folder = video_dir(Path(flows), r)
             if not folder.is_dir():
                 raise ValueError(f"{folder}: no flow for video {r.id!r}; run datp extract-flow "
                                  f"--format jpg --out {flows} on this dataset first")
-            counts[r.id] = count_frames(folder)[1]
+            counts[r.id] = _jpg_layout(folder, r)[1]
     else:
         from datp.flows.store import FlowStore
 
@@ -153,6 +159,15 @@ def flow_counts(records: list[Record], flows: str) -> dict[str, int]:
     if empty:
         raise ValueError(f"video {empty[0]!r} has no flow pairs (fewer than 2 frames); remove it from the dataset")
     return counts
+
+
+def _jpg_layout(folder: Path, record: Record):
+    """(layout, flow pairs) of a video's jpg folder: datp's own, or another tool's (detected), from
+    a rawframe record's offset on."""
+    from datp.flows.jpg import FlowLayout, detect_layout
+
+    layout, pairs = detect_layout(folder)
+    return FlowLayout(layout.x, layout.y, layout.start + record.offset), pairs - record.offset
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -216,8 +231,17 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _rgb_frames(self, record: Record, mode: str, rng) -> tuple[np.ndarray, np.ndarray, int]:
         """(N, H, W, 3) frames, their indices and T. Decoding stops at the last needed frame when
-        T is known (from the flow counts); otherwise the video is decoded whole, then picked."""
+        T is known (from the flow counts); otherwise the video is decoded whole, then picked.
+        A rawframe folder's frames are read from its `img_*.jpg`."""
         from datp.io.decode import DecodeError, VideoInfo, iter_frames
+
+        if record.is_rawframes:
+            from datp.io.rawframes import image_index, read_images
+
+            index, _, T = image_index(record.path, offset=record.offset, total_frames=record.total_frames)
+            starts = segment_indices(T, self.num_segments, 1, mode, rng)
+            picked = read_images(record.path, index, starts)
+            return np.stack([picked[int(j)] for j in starts]), starts, T
 
         info = VideoInfo(path=str(record.path))
         frames = iter_frames(record.path, info, short_side=self.short_side or None)
@@ -252,7 +276,8 @@ class ClipDataset(torch.utils.data.Dataset):
         if Path(self.flows).is_dir():
             from datp.flows.jpg import read_flow_pairs, video_dir
 
-            table = read_flow_pairs(video_dir(Path(self.flows), record), needed)
+            folder = video_dir(Path(self.flows), record)
+            table = read_flow_pairs(folder, needed, _jpg_layout(folder, record)[0])
         else:
             if self._store is None:
                 from datp.flows.store import FlowStore

@@ -12,6 +12,10 @@ Layout under the output folder, for a video with id `<class>/<video>` and T deco
   is renamed into place, so the lists can be rebuilt whatever run wrote a video.
 A video's folder is written as `.<video>.tmp<pid>` and renamed when complete, so a folder that
 exists is whole.
+
+Folders written by other tools are read too (`detect_layout`, `read_flow_pairs(..., layout)`):
+denseflow (`flow_x_00000.jpg`, numbered from 0), TSN's dense_flow (`flow_x_00001.jpg`) and
+mmaction2 (`x_00001.jpg` / `y_00001.jpg`); their prefixes and first number are detected or given.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from datp.io.datasets import Record
+from datp.io.rawframes import numbered
 
 JPEG_QUALITY = 95  # denseflow's default
 SETTINGS_NAME = "datp_flow_settings.json"  # the run's settings, beside the video folders
@@ -73,10 +79,67 @@ def done_ids(out: Path, records: list[Record]) -> set[str]:
     return {r.id for r in records if video_dir(out, r).is_dir()}
 
 
-def read_flow_pairs(folder: Path, pairs) -> dict[int, np.ndarray]:
+# (x prefix, y prefix) of the tools whose folders are read: denseflow / dense_flow, mmaction2
+FLOW_PREFIXES = (("flow_x_", "flow_y_"), ("x_", "y_"))
+
+
+@dataclass(frozen=True)
+class FlowLayout:
+    """How a folder names its flow images: pair j (0-based) is `{x}{start + j:05d}.jpg`."""
+
+    x: str = "flow_x_"
+    y: str = "flow_y_"
+    start: int = 1
+
+
+DATP_LAYOUT = FlowLayout()
+
+
+def detect_layout(folder: Path, *, prefixes: tuple[str, str] | None = None,
+                  start: int | None = None) -> tuple[FlowLayout, int]:
+    """The flow layout of a frame folder and its number of flow pairs P.
+
+    Args:
+        folder: one video's frame folder.
+        prefixes: (x, y) prefixes, e.g. ("x_", "y_"); detected from `FLOW_PREFIXES` when None.
+        start: the first number (0 for denseflow, 1 for TSN / mmaction2); the smallest one
+            found when None.
+
+    Returns:
+        (layout, P): pairs `start .. start + P - 1` exist for both x and y.
+
+    Raises:
+        ValueError: no flow images, both kinds of prefix (ambiguous), or numbers with gaps
+            or x and y that disagree; the message says which option fixes it.
+    """
+    folder = Path(folder)
+    candidates = [prefixes] if prefixes else list(FLOW_PREFIXES)
+    found = {p: (numbered(folder, p[0]), numbered(folder, p[1])) for p in candidates}
+    found = {p: xy for p, xy in found.items() if xy[0] or xy[1]}
+    if not found:
+        names = " or ".join(f"{x}00001.jpg/{y}00001.jpg" for x, y in candidates)
+        raise ValueError(f"{folder}: no flow images ({names}); give the folder of the flow jpgs, "
+                         "or their prefixes with --flow-prefixes X,Y")
+    if len(found) > 1:
+        raise ValueError(f"{folder}: holds flow images of two namings "
+                         f"({', '.join(x + '*' for x, _ in found)}); pass --flow-prefixes X,Y")
+    (x_prefix, y_prefix), (xs, ys) = next(iter(found.items()))
+    first = min(xs) if start is None and xs else (start if start is not None else 0)
+    count = 0
+    while first + count in xs and first + count in ys:
+        count += 1
+    if count == 0 or count != len(xs) or count != len(ys):
+        raise ValueError(f"{folder}: {len(xs)} {x_prefix}* and {len(ys)} {y_prefix}* images, "
+                         f"{count} consecutive pairs from number {first}; the flow jpgs must be "
+                         "pairs numbered without gaps (or pass --flow-start with the first number)")
+    return FlowLayout(x_prefix, y_prefix, first), count
+
+
+def read_flow_pairs(folder: Path, pairs, layout: FlowLayout = DATP_LAYOUT) -> dict[int, np.ndarray]:
     """Quantized flow pairs of a video's frame folder: {pair j: (H, W, 2) uint8, x then y}.
 
-    Pair j (0-based, frame j -> j + 1) is `flow_x_{j + 1:05d}.jpg` / `flow_y_...`.
+    Pair j (0-based, frame j -> j + 1) is `{layout.x}{layout.start + j:05d}.jpg` (datp's own:
+    `flow_x_{j + 1:05d}.jpg`) / `{layout.y}...`.
 
     Raises:
         FileNotFoundError: a pair's image is missing or unreadable.
@@ -84,11 +147,12 @@ def read_flow_pairs(folder: Path, pairs) -> dict[int, np.ndarray]:
     folder = Path(folder)
     table = {}
     for j in np.asarray(pairs).tolist():
-        x = cv2.imread(str(folder / f"flow_x_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
-        y = cv2.imread(str(folder / f"flow_y_{j + 1:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
+        number = layout.start + j
+        x = cv2.imread(str(folder / f"{layout.x}{number:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
+        y = cv2.imread(str(folder / f"{layout.y}{number:05d}.jpg"), cv2.IMREAD_GRAYSCALE)
         if x is None or y is None:
-            raise FileNotFoundError(f"{folder}: flow pair {j + 1} is missing; "
-                                    "rerun datp extract-flow --format jpg")
+            raise FileNotFoundError(f"{folder}: flow pair {layout.x}{number:05d}.jpg is missing; "
+                                    "rerun datp extract-flow --format jpg or check the folder")
         table[j] = np.stack([x, y], -1)
     return table
 

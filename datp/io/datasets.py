@@ -12,6 +12,8 @@ Accepted sources (`load_dataset` picks by what the path is):
    0 = unused); videos under `root/<class>/`;
 5. a single video file (label -1, split "all");
 6. a datp manifest CSV with header `id,path,label,split` (written by `datp synth`).
+7. a rawframe annotation list (mmaction2's RawframeDataset): `<frame_dir> <total_frames> <label>`,
+   with an offset or several labels (`datp.io.rawframes`); `path` is then the frame folder.
 Several sources can be given at once (e.g. a train and a test list); ids must stay unique.
 
 Video ids are the path relative to the dataset root without its extension
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from datp.io.rawframes import LIST_FORMATS, is_rawframe_list, parse_rawframe_list
+from datp.io.shards import SHARD_ENV, check_shard, parse_shard, shard_out, shard_records  # noqa: F401 (re-exported)
 
 # every container PyAV (ffmpeg) decodes that datasets ship videos in
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv",
@@ -41,13 +45,39 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One video. `origin` says where it was listed ("file:line"), for error messages."""
+    """One video. `origin` says where it was listed ("file:line"), for error messages.
+
+    Attributes:
+        labels: every label of the video (multi-label lists); `label` is the first, and
+            `labels` is `(label,)` for single-label sources and `()` for unlabelled ones.
+        total_frames: for a rawframe folder (`path` is a folder of `img_*.jpg`), the frame
+            count its list gives; None for a video file.
+        offset: a rawframe list's offset (frame i is image number offset + first + i).
+    """
 
     id: str
     path: Path
     label: int = -1
     split: str = "all"
     origin: str = ""
+    labels: tuple[int, ...] = ()
+    total_frames: int | None = None
+    offset: int = 0
+
+    def __post_init__(self):
+        labels = tuple(int(v) for v in self.labels)
+        if not labels and self.label >= 0:
+            labels = (self.label,)
+        if labels and self.label == -1:
+            object.__setattr__(self, "label", labels[0])
+        if labels and labels[0] != self.label:
+            raise DatasetError(f"{self.origin}: label {self.label} must be the first of labels {labels}")
+        object.__setattr__(self, "labels", labels)
+
+    @property
+    def is_rawframes(self) -> bool:
+        """A folder of frames (from a rawframe list), not a video file."""
+        return self.total_frames is not None
 
 
 @dataclass
@@ -57,18 +87,20 @@ class Dataset:
     sources: list[str] = field(default_factory=list)
 
     def missing(self) -> list[Record]:
-        """Records whose video file does not exist."""
-        return [r for r in self.records if not r.path.is_file()]
+        """Records whose video file (or rawframe folder) does not exist."""
+        return [r for r in self.records if not (r.path.is_dir() if r.is_rawframes else r.path.is_file())]
 
 
 def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
-                 split: int = 1) -> Dataset:
+                 split: int = 1, list_format: str = "auto") -> Dataset:
     """Read one or more sources into a Dataset (see the module docstring for the formats).
 
     Args:
         sources: a path or a list of paths.
         root: where videos live, for list files and official split folders.
         split: split number for UCF101/HMDB51 official splits (1, 2 or 3).
+        list_format: how list files are read: "auto" (rawframe lists are told from video lists
+            by their fields, `datp.io.rawframes`), "video", "rawframes" or "rawframes-offset".
 
     Raises:
         DatasetError: unreadable source, malformed line (file and line named), duplicate ids.
@@ -78,10 +110,12 @@ def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
     if not sources:
         raise DatasetError("no source given; pass a video, a folder, a list file or a split folder")
     root = Path(root) if root is not None else None
+    if list_format not in LIST_FORMATS:
+        raise DatasetError(f"list format {list_format!r}; choose from {list(LIST_FORMATS)}")
     records: list[Record] = []
     class_names: list[str] = []
     for source in map(Path, sources):
-        part = _load_one(source, root, split)
+        part = _load_one(source, root, split, list_format)
         if part.class_names:
             if class_names and part.class_names != class_names:
                 raise DatasetError(f"{source}: its classes differ from the previous source's; "
@@ -100,6 +134,9 @@ def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
 
 def _check_label(record: Record, class_names: list[str]) -> None:
     """Labels are -1 (unknown) or a class index; within the class list when there is one."""
+    for label in record.labels[1:]:
+        if label < 0 or (class_names and label >= len(class_names)):
+            raise DatasetError(f"{record.origin}: label {label} is not a class index")
     if record.label < -1:
         raise DatasetError(f"{record.origin}: label {record.label} must be -1 (unknown) or a "
                            "class index >= 0")
@@ -109,7 +146,7 @@ def _check_label(record: Record, class_names: list[str]) -> None:
 
 
 def open_dataset(sources: str | Path | list, *, root: str | Path | None = None, split: int = 1,
-                 skip_missing: bool = False) -> tuple[Dataset, list[Record]]:
+                 skip_missing: bool = False, list_format: str = "auto") -> tuple[Dataset, list[Record]]:
     """`load_dataset`, then the rule for videos that are not on disk: an error naming the first one,
     or, with `skip_missing`, the list of them (the long jobs record them as failures).
 
@@ -119,7 +156,7 @@ def open_dataset(sources: str | Path | list, *, root: str | Path | None = None, 
     Raises:
         DatasetError: as `load_dataset`, or a missing video without `skip_missing`.
     """
-    dataset = load_dataset(sources, root=root, split=split)
+    dataset = load_dataset(sources, root=root, split=split, list_format=list_format)
     missing = dataset.missing()
     if missing and not skip_missing:
         first = missing[0]
@@ -129,7 +166,7 @@ def open_dataset(sources: str | Path | list, *, root: str | Path | None = None, 
     return dataset, missing
 
 
-def _load_one(source: Path, root: Path | None, split: int) -> Dataset:
+def _load_one(source: Path, root: Path | None, split: int, list_format: str) -> Dataset:
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder")
     if source.is_file():
@@ -137,7 +174,7 @@ def _load_one(source: Path, root: Path | None, split: int) -> Dataset:
             return Dataset([Record(source.stem, source, -1, "all", str(source))])
         if source.suffix.lower() == ".csv":
             return _load_manifest(source)
-        return _load_list(source, root)
+        return _load_list(source, root, list_format)
     if (source / "classInd.txt").is_file():
         return _load_ucf101(source, root, split)
     if any(source.glob(f"*_test_split{split}.txt")):
@@ -167,17 +204,31 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _load_list(path: Path, root: Path | None) -> Dataset:
+def _load_list(path: Path, root: Path | None, list_format: str) -> Dataset:
     base = root if root is not None else path.parent
     split = _split_from_name(path.name)
+    lines = _read_lines(path)
+    if list_format.startswith("rawframes") or (list_format == "auto" and is_rawframe_list(lines)):
+        try:
+            rows = parse_rawframe_list(path, lines, list_format)
+        except ValueError as err:
+            raise DatasetError(str(err)) from None
+        # mmaction2's frame_dir is the video's id; the same folder may be listed twice (its tests do)
+        return Dataset([Record(_video_id(base / r.frame_dir, base) + (f"#{r.line}" if _repeated(rows, r) else ""),
+                               base / r.frame_dir, -1, split, f"{path}:{r.line}", r.labels,
+                               r.total_frames, r.offset) for r in rows])
     records = []
-    for n, line in _read_lines(path):
+    for n, line in lines:
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
             raise DatasetError(f"{path}:{n}: expected '<video path> <integer label>', got {line!r}")
         video = base / parts[0]
         records.append(Record(_video_id(video, base), video, int(parts[1]), split, f"{path}:{n}"))
     return Dataset(records)
+
+
+def _repeated(rows, row) -> bool:
+    return sum(r.frame_dir == row.frame_dir for r in rows) > 1
 
 
 def _load_manifest(path: Path) -> Dataset:
@@ -287,76 +338,11 @@ def class_names_or_numbers(class_names, labels) -> list[str]:
     return [str(c) for c in range(max(known) + 1)] if known else []
 
 
-# Where a scheduler says which shard a process is: (rank, world size) variables, looked up in order.
-# Slurm arrays number tasks from SLURM_ARRAY_TASK_MIN (e.g. --array=1-8), so the rank is counted from it.
-SHARD_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
-             ("SLURM_PROCID", "SLURM_NTASKS"))
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """Parse `i/n` (0 <= i < n). Without text: torchrun's RANK/WORLD_SIZE, else a Slurm array's
-    SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (from SLURM_ARRAY_TASK_MIN), else Slurm's
-    SLURM_PROCID/SLURM_NTASKS (srun tasks), else 0/1.
-
-    Raises:
-        ValueError: a malformed `i/n`, or variables that are not integers with 0 <= rank < size
-            (the message names them).
-    """
-    if text is None:
-        for rank_name, world_name in SHARD_ENV:
-            if rank_name not in os.environ and world_name not in os.environ:
-                continue
-            rank, world = os.environ.get(rank_name, "0"), os.environ.get(world_name, "1")
-            first = os.environ.get("SLURM_ARRAY_TASK_MIN", "0") if rank_name == "SLURM_ARRAY_TASK_ID" else "0"
-            if not (rank.isdigit() and world.isdigit() and first.isdigit()
-                    and 0 <= int(rank) - int(first) < int(world)):
-                base = f" - SLURM_ARRAY_TASK_MIN={first}" if first != "0" else ""
-                raise ValueError(f"{rank_name}={rank}{base} {world_name}={world} (used as the shard) must be "
-                                 f"integers with 0 <= {rank_name}{' - min' if base else ''} < {world_name}; fix "
-                                 "them or pass --shard i/n")
-            return int(rank) - int(first), int(world)
-        return 0, 1
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise ValueError(f"shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
-    return int(match[1]), int(match[2])
-
-
-def check_shard(shard) -> None:
-    """Raise ValueError unless `shard` is (i, n) with 0 <= i < n."""
-    if len(shard) != 2 or not 0 <= int(shard[0]) < int(shard[1]):
-        raise ValueError(f"shard {shard} must be (i, n) with 0 <= i < n")
-
-
 def check_range(name: str, value, low, note: str = "") -> None:
     """Raise ValueError unless `value` >= `low` (the option `name` in the message)."""
     if value is None or not value >= low:
         extra = f" ({note})" if note else ""
         raise ValueError(f"{name.replace('_', '-')} {value} must be >= {low}{extra}")
-
-
-def shard_out(out: str | Path, shard: tuple[int, int], *, shared: bool = False) -> Path:
-    """The output of shard (i, n): `x.h5` with shard (2, 4) -> `x.shard2of4.h5`.
-
-    One shard of one (n == 1), or an output `shared` by all shards (a folder of per-video files,
-    e.g. extract-flow's jpg folders), keeps `out` itself.
-    """
-    out = Path(out)
-    if shard[1] == 1 or shared:
-        return out
-    return out.with_name(f"{out.stem}.shard{shard[0]}of{shard[1]}{out.suffix}")
-
-
-def shard_records(records: list[Record], index: int, count: int) -> list[Record]:
-    """The records of shard `index` of `count`, by a stable hash of the id.
-
-    A hash (not position) keeps every video in the same shard when the dataset grows, so a shard's
-    finished work stays valid across runs and machines.
-    """
-    if count == 1:
-        return list(records)
-    return [r for r in records
-            if int.from_bytes(hashlib.sha1(r.id.encode()).digest()[:8], "big") % count == index]
 
 
 def safe_name(video_id: str) -> str:

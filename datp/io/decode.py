@@ -17,10 +17,10 @@ This is the only module, with `datp.flows`, that touches a video decoder.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -125,7 +125,8 @@ def read_frames(path: str | Path, pick, info: VideoInfo | None = None, *, gray: 
 
     Args:
         path: video file.
-        pick: `pick(T) -> array of frame indices` in [0, T - 1] (repeats allowed).
+        pick: `pick(T) -> array of frame indices` in [0, T - 1] (repeats allowed); `info.fps`
+            is already filled in when it is called (stride sampling in seconds needs it).
         info: filled in as by `iter_frames` (every frame counted, timestamps of all frames).
         gray, short_side, size: as in `iter_frames`.
 
@@ -135,22 +136,47 @@ def read_frames(path: str | Path, pick, info: VideoInfo | None = None, *, gray: 
     Raises:
         DecodeError: as `iter_frames`, or when the two passes disagree on T.
     """
+    picked, info = read_picked(path, {"frames": (pick, {"short_side": short_side, "size": size})},
+                               info, gray=gray)
+    return picked["frames"], info
+
+
+def read_picked(path: str | Path, picks: dict, info: VideoInfo | None = None, *,
+                gray: bool = False) -> tuple[dict[str, dict[int, np.ndarray]], VideoInfo]:
+    """`read_frames` for several sets of frames, each at its own size, in the same two passes.
+
+    extract-features reads RGB frames at the source size (resized later by torchvision, as the
+    weights were trained) and the frames of on-the-fly flow at the flow's size (swscale).
+
+    Args:
+        path: video file.
+        picks: {name: (pick, {"short_side": ..., "size": ...})}; `info.height`/`info.width` are
+            the size of the first entry's frames.
+        info, gray: as in `read_frames`.
+
+    Returns:
+        ({name: {index: frame}}, info).
+    """
     counting = VideoInfo(path=str(path))
     T = sum(1 for _ in _decoded(path, counting))
     if T == 0:
         _finish(path, counting)  # raises: no decodable frames
-    keep = {int(i) for i in np.asarray(pick(T), dtype=np.int64).ravel()}
     info = info if info is not None else VideoInfo(path=str(path))
+    info.fps = counting.fps
+    sizes = {name: resize for name, (_, resize) in picks.items()}
+    keep = {name: {int(i) for i in np.asarray(pick(T), dtype=np.int64).ravel()}
+            for name, (pick, _) in picks.items()}
+    first = next(iter(picks))
     fmt = "gray" if gray else "rgb24"
-    frames = {}
+    frames: dict[str, dict[int, np.ndarray]] = {name: {} for name in picks}
     for i, (frame, time_base) in enumerate(_decoded(path, info)):
-        if i in keep or i == 0:  # the first frame also sets rotation and sizes
-            array = _convert(frame, info, fmt, short_side, size, time_base)
-            if i in keep:
-                frames[i] = array
-        else:
-            info.num_frames += 1
-            info.timestamps.append(float((frame.pts if frame.pts is not None else i) * time_base))
+        if i == 0:  # the first frame sets rotation and sizes
+            _orient(frame, info, **sizes[first])
+        for name, indices in keep.items():
+            if i in indices:
+                frames[name][i] = _to_array(frame, info, fmt, **sizes[name])
+        info.num_frames += 1
+        info.timestamps.append(float((frame.pts if frame.pts is not None else i) * time_base))
     _finish(path, info)
     if info.num_frames != T:
         raise DecodeError(f"{path}: {T} frames decoded, then {info.num_frames}; the decoder is "
@@ -204,19 +230,26 @@ def _finish(path, info: VideoInfo) -> None:
         info.fps = (len(info.timestamps) - 1) / (info.timestamps[-1] - info.timestamps[0])
 
 
-def _convert(frame, info: VideoInfo, fmt: str, short_side, size, time_base) -> np.ndarray:
-    if info.num_frames == 0:
-        # The display matrix gives the counter-clockwise angle; players rotate clockwise by -angle.
-        info.rotation = int(round(-getattr(frame, "rotation", 0) or 0)) % 360
-        info.source_height, info.source_width = frame.height, frame.width
-        upright = ((frame.width, frame.height) if info.rotation in (90, 270)
-                   else (frame.height, frame.width))
-        info.height, info.width = output_size(*upright, short_side=short_side, size=size)
-    # swscale resizes in coded orientation, so swap the target for 90/270 degree rotations.
+def _orient(frame, info: VideoInfo, short_side=None, size=None) -> None:
+    """From the first frame: rotation, the coded size, and the output size (`info.height/width`)."""
+    # The display matrix gives the counter-clockwise angle; players rotate clockwise by -angle.
+    info.rotation = int(round(-getattr(frame, "rotation", 0) or 0)) % 360
+    info.source_height, info.source_width = frame.height, frame.width
+    info.height, info.width = output_size(*_upright(info), short_side=short_side, size=size)
+
+
+def _upright(info: VideoInfo) -> tuple[int, int]:
+    """(H, W) of the source frames once rotated upright."""
     if info.rotation in (90, 270):
-        target_h, target_w = info.width, info.height
-    else:
-        target_h, target_w = info.height, info.width
+        return info.source_width, info.source_height
+    return info.source_height, info.source_width
+
+
+def _to_array(frame, info: VideoInfo, fmt: str, short_side=None, size=None) -> np.ndarray:
+    """One frame, converted to `fmt`, resized (swscale) as `output_size` says, rotated upright."""
+    height, width = output_size(*_upright(info), short_side=short_side, size=size)
+    # swscale resizes in coded orientation, so swap the target for 90/270 degree rotations.
+    target_h, target_w = (width, height) if info.rotation in (90, 270) else (height, width)
     if (target_h, target_w) != (frame.height, frame.width):
         shrink = target_h * target_w < frame.height * frame.width
         frame = frame.reformat(width=target_w, height=target_h, format=fmt,
@@ -224,6 +257,13 @@ def _convert(frame, info: VideoInfo, fmt: str, short_side, size, time_base) -> n
     array = frame.to_ndarray(format=fmt)
     if info.rotation:
         array = np.ascontiguousarray(np.rot90(array, k=-info.rotation // 90))
+    return array
+
+
+def _convert(frame, info: VideoInfo, fmt: str, short_side, size, time_base) -> np.ndarray:
+    if info.num_frames == 0:
+        _orient(frame, info, short_side, size)
+    array = _to_array(frame, info, fmt, short_side, size)
     info.num_frames += 1
     pts = frame.pts if frame.pts is not None else info.num_frames - 1
     info.timestamps.append(float(pts * time_base))

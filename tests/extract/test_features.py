@@ -117,7 +117,7 @@ def test_real_clip_equals_torchvision(tmp_path, crops):
                            *(["--ten-crop"] if crops == 10 else []))
     assert code == 0, output
 
-    frames, info = read_video(clip, short_side=256)  # rgb-only decoding size (FeatureConfig)
+    frames, info = read_video(clip)  # RGB is decoded at the source size (FeatureConfig.short_side 0)
     assert len(frames) == 300
     index = tsn_test_starts(300, 3)
     assert index == [50, 150, 250]  # tick = 100: the centres of three equal parts
@@ -260,7 +260,7 @@ def test_store_records_settings(flow_run):
 def test_flow_segments_and_their_rgb_frame(flow_run):
     """With flow, starts are TSN test starts over the T - 1 pairs (L = 5); the RGB frame of a
     segment is the middle of its stack, start + L // 2."""
-    frames, _ = read_video(flow_run["sources"][0], short_side=64)  # fire2: 25 frames, upright
+    frames, _ = read_video(flow_run["sources"][0])  # fire2: 25 frames, upright, RGB at its own size
     T_ = len(frames)
     starts = tsn_test_starts(T_ - 1, 3, 5)
     with FeatureStore(flow_run["fly"]) as store:
@@ -355,7 +355,7 @@ def test_stride_mode_writes_ragged_rows(tmp_path):
         assert batch.mask.tolist() == [[True] * 4, [True] * 3 + [False]]
         assert batch.frame[0].tolist() == [0, 4, 8, 12] and batch.frame[1, :3].tolist() == [0, 4, 8]
         np.testing.assert_allclose(batch.t[0].numpy(), (np.array([0, 4, 8, 12]) + 0.5) / 14)
-        frames, _ = read_video(root / "short" / "short.mkv", short_side=256)  # rgb-only size
+        frames, _ = read_video(root / "short" / "short.mkv")  # RGB at the source size
         with torch.no_grad():
             _, logits = net(rgb_input(frames[[0, 4, 8]], 64, 56))
         np.testing.assert_allclose(batch.logits["rgb"][1, :3].numpy(), logits.numpy(), atol=1e-4)
