@@ -48,8 +48,8 @@ SCHEMA = 1
 KIND = "flow"
 
 
-__all__ = ["KIND", "SCHEMA", "FlowPartWriter", "FlowStore", "StoreError", "done_ids",
-           "check_part", "merge_stores", "open_for_update", "stored_settings", "write_store"]
+__all__ = ["KIND", "SCHEMA", "FlowPartWriter", "FlowStore", "StoreError", "done_ids", "check_part", "merge_stores",
+           "open_for_update", "stored_settings", "write_store"]
 
 
 def _file_attrs(settings: dict) -> dict:
@@ -287,16 +287,10 @@ def write_store(out: Path, records: Iterable[Record], settings: dict, *, final: 
 
 
 class FlowStore:
-    """Read a flow store (a single file, an index during a run, or a merged store).
-
-    Example:
-        >>> with FlowStore("flows.h5") as store:
-        ...     flow = store.flow("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01", dequantize=True)
-    """
+    """Read a flow store (one file or a merged store; a run's index, attr `index_only`, only with
+    `unfinished=True`), e.g. `FlowStore("flows.h5").flow("ApplyEyeMakeup/v_..._g08_c01", dequantize=True)`."""
 
     def __init__(self, path: str | Path, *, unfinished: bool = False):
-        """Open `path`; an unfinished store (the index of an extract-flow run that was interrupted or
-        is still running) is a StoreError unless `unfinished` (what extract-flow itself passes)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"{self.path}: no such flow store; run datp extract-flow first")
@@ -309,12 +303,10 @@ class FlowStore:
             index = bool(self._file.attrs.get("index_only", False))
             for name in videos:  # an index whose parts moved: name the missing file now
                 link = videos.get(name, getlink=True)
-                if isinstance(link, h5py.ExternalLink) and not (
-                        self.path.parent / link.filename).is_file():
+                if isinstance(link, h5py.ExternalLink) and not (self.path.parent / link.filename).is_file():
                     raise StoreError(f"{self.path}: video {name} links to {link.filename}, which "
                                      "is missing; rerun the extract-flow (or merge) that wrote it")
-                # a link into a part (not a merged shard's /videos/...): an index, also of older datps
-                index = index or (isinstance(link, h5py.ExternalLink) and link.path == "/video")
+                index = index or (isinstance(link, h5py.ExternalLink) and link.path == "/video")  # a part
             if index and not unfinished:
                 raise StoreError(f"{self.path} is an unfinished flow store (an extract-flow run into it was "
                                  "interrupted or is still running); rerun that datp extract-flow to finish it")
