@@ -45,6 +45,9 @@ D = defaults(FeatureConfig)
               help="Their first number: 0 (denseflow) or 1 (TSN, mmaction2); default: detected.")
 @click.option("--flow-algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default=D["flow_algorithm"],
               show_default=True, help="On-the-fly flow algorithm.")
+@click.option("--flow-backend", type=click.Choice(["opencv", "torch"]), default=D["flow_backend"],
+              show_default=True, help="On-the-fly TV-L1: opencv (CPU, in the workers) or torch (on --device "
+              "next to the backbone, each video's pairs as one batch: the GPU path; no flow files written).")
 @click.option("--flow-preset", default=D["flow_preset"], help="On-the-fly flow preset (see extract-flow).")
 @click.option("--flow-short-side", type=int, default=D["flow_short_side"], show_default=True,
               help="On-the-fly flow: resize the short side first (0: source size).")
@@ -77,7 +80,7 @@ D = defaults(FeatureConfig)
 @user_errors
 def extract_features_cmd(ctx, sources, out, backbone, weights, flow_weights, streams, segments, stride,
                          stride_seconds, protocol, new_length, flows, flow_prefixes, flow_start,
-                         flow_algorithm, flow_preset, flow_short_side, bound, short_side, resize,
+                         flow_algorithm, flow_backend, flow_preset, flow_short_side, bound, short_side, resize,
                          input_size, ten_crop, batch_size, workers, shard, device, seed, root, split,
                          list_format, skip_missing, quiet):
     """Dump each segment's last conv map and class scores (RGB and flow) to a feature store.
@@ -97,7 +100,7 @@ def extract_features_cmd(ctx, sources, out, backbone, weights, flow_weights, str
         stride=stride, stride_seconds=stride_seconds, protocol=protocol, new_length=new_length,
         flows=str(flows) if flows else None,
         flow_prefixes=tuple(p.strip() for p in flow_prefixes.split(",")) if flow_prefixes else None,
-        flow_start=flow_start, flow_algorithm=flow_algorithm, flow_preset=flow_preset,
+        flow_start=flow_start, flow_algorithm=flow_algorithm, flow_backend=flow_backend, flow_preset=flow_preset,
         flow_bound=bound, flow_short_side=flow_short_side, short_side=short_side, resize=resize,
         input_size=input_size, num_crops=10 if ten_crop else 1, batch_size=batch_size,
         workers=workers, shard=parse_shard(shard), device=device, seed=seed)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from datp.extract import store as fstore
-from datp.extract.loader import FeatureConfig, VideoItems, flow_settings
+from datp.extract.loader import FeatureConfig, VideoItems, device_flow, flow_settings
 from datp.io.atomic import die_with_parent, ensure_shared_memory, isolated
 from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
@@ -164,6 +164,12 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
+    flow_computer = None
+    if flow.get("backend") == "torch" and flow["source"] == "on-the-fly":
+        from datp.flows.compute import FlowComputer
+
+        flow_computer = FlowComputer(algorithm=flow["algorithm"], preset=flow["preset"], backend="torch",
+                                     device=str(device))
     build = functools.partial(fstore.build_store, out, rows, attrs, cfg.streams, union=True)
     build(final=False)
     items = _items(todo, cfg, flow)
@@ -196,6 +202,15 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
                 summary.failed.append((record.id, str(record.path), item["reason"]))
                 bar.update(1)
                 continue
+            if "flow_gray" in item:  # on-the-fly flow by the torch TV-L1, here on the backbone's device
+                try:
+                    device_flow(item, flow_computer, cfg, flow["bound"])
+                except (ValueError, torch.cuda.OutOfMemoryError) as err:
+                    reason = f"{type(err).__name__}: {err}".replace("\n", " ")
+                    failure_log.add(record, reason)
+                    summary.failed.append((record.id, str(record.path), reason))
+                    bar.update(1)
+                    continue
             pending.append(_Pending(record, item))
             flush(force=False)
         flush(force=True)

@@ -47,6 +47,9 @@ class FeatureConfig:
         flows: a flow store (.h5) or jpg folder from extract-flow, or a folder of another tool's
             flow jpgs (denseflow, dense_flow, mmaction2: one folder per video id); None computes
             flow on the fly (for rawframe datasets: reads the flow jpgs in each frame folder).
+        flow_backend: on-the-fly TV-L1 by "opencv" (CPU, in the decoding workers) or "torch"
+            (`datp.flows.tvl1_torch` in the main process on `device`, next to the backbone, each
+            video's pairs as one batch; the workers only decode): the GPU path.
         flow_algorithm, flow_preset, flow_bound, flow_short_side, flow_size: on-the-fly flow
             settings (taken from the flow store when `flows` is given); `flow_bound` is also
             the bound recorded for another tool's jpgs (their quantization is not in the files).
@@ -80,6 +83,7 @@ class FeatureConfig:
     flow_prefixes: tuple[str, str] | None = None
     flow_start: int | None = None
     flow_algorithm: str = "tvl1"
+    flow_backend: str = "opencv"
     flow_preset: str | None = None
     flow_bound: float = 20.0
     flow_short_side: int = 256
@@ -127,6 +131,10 @@ class FeatureConfig:
         check_range("workers", self.workers, 0, "0 decodes in the main process")
         check_range("short_side", self.short_side, 0, "0 keeps the source size")
         check_range("flow_short_side", self.flow_short_side, 0, "0 keeps the source size")
+        if self.flow_backend not in ("opencv", "torch"):
+            raise ValueError(f"flow backend {self.flow_backend!r} must be opencv or torch")
+        if self.flow_backend == "torch" and self.flow_algorithm != "tvl1":
+            raise ValueError(f"flow backend torch computes tvl1 only, not {self.flow_algorithm}; use --flow-backend opencv")
         if not self.flow_bound > 0:
             raise ValueError(f"bound {self.flow_bound} must be > 0 pixels")
         if self.flow_size is not None and (len(self.flow_size) != 2 or min(self.flow_size) < 1):
@@ -161,7 +169,7 @@ def flow_settings(cfg: FeatureConfig, records: list[Record] = ()) -> dict:
                 "preset": settings["preset"], "bound": settings["bound"],
                 "short_side": settings["short_side"], "size": settings["size"]}
     preset = FlowComputer(algorithm=cfg.flow_algorithm, preset=cfg.flow_preset).preset
-    return {"source": "on-the-fly", "algorithm": cfg.flow_algorithm, "preset": preset,
+    return {"source": "on-the-fly", "algorithm": cfg.flow_algorithm, "preset": preset, "backend": cfg.flow_backend,
             "bound": cfg.flow_bound, "short_side": cfg.flow_short_side, "size": cfg.flow_size}
 
 
@@ -276,6 +284,9 @@ class VideoItems(torch.utils.data.Dataset):
                                        num_crops=cfg.num_crops)
         if "flow" in cfg.streams:
             pairs = frame_indices(starts, cfg.new_length, P)  # (N, L) pair indices
+            if self.flow.get("backend") == "torch" and self.flow["source"] == "on-the-fly":
+                out.update(_gray_frames(flow_frames, pairs))  # flow: `device_flow` in the main process
+                return out
             stacks = self._flow_pairs(record, flow_frames, T, pairs)  # (N, L, H, W, 2) uint8
             out["flow"] = flow_to_tensor(stacks, resize=cfg.resize, crop=cfg.input_size,
                                          num_crops=cfg.num_crops)
@@ -349,3 +360,27 @@ class VideoItems(torch.utils.data.Dataset):
             data = self._reader.flow(record.id, needed)
             table = dict(zip(needed.tolist(), data))
         return np.stack([[table[j] for j in row] for row in pairs])
+
+
+def _gray_frames(frames: dict, pairs: np.ndarray) -> dict:
+    """The grayscale frames (K, H, W) uint8 that the flow pairs `pairs` (N, L) read, for `device_flow`."""
+    from datp.flows.extract import to_gray
+
+    index = np.unique(np.concatenate([pairs.ravel(), pairs.ravel() + 1]))
+    return {"flow_pairs": pairs, "flow_index": index, "flow_gray": np.stack([to_gray(frames[j]) for j in index])}
+
+
+def device_flow(item: dict, computer, cfg: FeatureConfig, bound: float) -> None:
+    """Turn an item's decoded gray frames into its flow input, in place: TV-L1 of every pair the
+    segments read as one batch on `computer`'s device (a torch `FlowComputer`), quantized at `bound`
+    like stored flow, then the flow transform. The same numbers as the opencv path's workers would
+    give with the torch backend (tested against a store made by `extract-flow --backend torch`)."""
+    from datp.flows.quantize import quantize
+
+    pairs, index, gray = item.pop("flow_pairs"), item.pop("flow_index"), item.pop("flow_gray")
+    at = {j: k for k, j in enumerate(index.tolist())}
+    needed = np.unique(pairs).tolist()
+    flows = computer.pairs([(gray[at[j]], gray[at[j + 1]]) for j in needed])
+    table = {j: quantize(f, bound) for j, f in zip(needed, flows)}
+    stacks = np.stack([[table[j] for j in row] for row in pairs.tolist()])
+    item["flow"] = flow_to_tensor(stacks, resize=cfg.resize, crop=cfg.input_size, num_crops=cfg.num_crops)
