@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,22 @@ def load_dataset(sources: str | Path | list, *, root: str | Path | None = None,
                                f"{seen[record.id].origin}; ids must be unique")
         seen[record.id] = record
         _check_label(record, class_names)
+    _note_label_gaps(records, class_names)
     return Dataset(records, class_names, [str(s) for s in sources])
+
+
+def _note_label_gaps(records: list[Record], class_names: list[str]) -> None:
+    """Without a class list, the classes are 0..max label: say so when most of them have no video
+    (a label of 99 among 0-2 is more likely a typo than 97 empty classes). A warning, not an error:
+    a list of a few classes of a larger dataset is legitimate."""
+    labels = {lab for r in records for lab in (r.labels or (r.label,)) if lab >= 0}
+    if class_names or not labels or len(labels) * 2 >= max(labels) + 1:
+        return
+    first = min(set(range(max(labels) + 1)) - labels)
+    top = next(r for r in records if max(r.labels or (r.label,)) == max(labels))
+    print(f"datp: warning: labels go up to {max(labels)} ({top.origin}) but only {len(labels)} of the "
+          f"{max(labels) + 1} classes this makes have videos (none for {first}); check the labels, or give "
+          "the class list (classInd.txt or a manifest's class column)", file=sys.stderr)
 
 
 def _check_label(record: Record, class_names: list[str]) -> None:

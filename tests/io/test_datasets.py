@@ -129,6 +129,27 @@ def test_labels_are_unknown_or_within_the_class_list(tmp_path):
         load_dataset(manifest)
 
 
+def test_labels_that_leave_most_classes_empty_are_warned_about(tmp_path, capsys):
+    """Without a class list the classes are 0..max label: 99 among 0-2 makes 100 classes, 97 of them
+    empty: one warning naming the line; labels that fill their range (or half of it) are quiet."""
+    listing = tmp_path / "train.txt"
+    listing.write_text("a.mp4 0\nb.mp4 1\nc.mp4 2\nd.mp4 99\n")
+    dataset = load_dataset(listing)
+    assert [r.label for r in dataset.records] == [0, 1, 2, 99]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "labels go up to 99 (" in err and "train.txt:4" in err, err
+    assert "only 4 of the 100 classes" in err and "none for 3" in err
+    for quiet in ("a.mp4 0\nb.mp4 1\nc.mp4 2\n", "a.mp4 0\nb.mp4 3\n", "a.mp4 -1\n"):
+        listing.write_text(quiet)
+        load_dataset(listing)
+        assert capsys.readouterr().err == "", quiet
+    manifest = tmp_path / "manifest.csv"  # a class list names the classes: nothing to guess
+    manifest.write_text("id,path,label,split\na,a.mp4,0,train\nb,b.mp4,9,test\n")
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    load_dataset(manifest)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_manifest_row_with_a_missing_field_is_named(tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("id,path,label,split\na,a.mp4,0,train\nb,b.mp4,1\n")
