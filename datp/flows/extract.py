@@ -212,7 +212,7 @@ def _extract_flow(dataset, cfg, out, progress, missing) -> Summary:
     else:
         marker = out / jpg.SETTINGS_NAME
         check_settings(out, read_marker(marker), settings, **same)
-        finished = jpg.done_ids(out, records)
+        finished = jpg.done_ids(out, records, with_rgb=cfg.rgb, report=_note)
         sink = jpg.JpgWriter(out, with_rgb=cfg.rgb,
                              on_first_done=lambda: write_marker(marker, settings))
     absent = {r.id for r in missing}

@@ -75,8 +75,41 @@ def video_dir(out: Path, record: Record) -> Path:
     return Path(out, *parts)
 
 
-def done_ids(out: Path, records: list[Record]) -> set[str]:
-    return {r.id for r in records if video_dir(out, r).is_dir()}
+def done_ids(out: Path, records: list[Record], *, with_rgb: bool = False, report=None) -> set[str]:
+    """Ids of `records` whose frame folder is whole (`check_folder`); a damaged folder is named
+    through `report(message)` and left out, so the run redoes it."""
+    done = set()
+    for record in records:
+        folder = video_dir(out, record)
+        if folder.is_dir():
+            problem = check_folder(folder, with_rgb=with_rgb)
+            if problem is None:
+                done.add(record.id)
+            elif report is not None:
+                report(f"{folder}: {problem}; the video is redone")
+    return done
+
+
+def check_folder(folder: Path, *, with_rgb: bool = False) -> str | None:
+    """What is wrong with a finished frame folder (None: whole): flow_x_/flow_y_ numbered 1..P with
+    no gap (and img_ 1..P+1 with `with_rgb`), every image a complete JPEG (starts with the SOI
+    marker, ends with EOI: a file cut short by a crash or a full disk is caught here)."""
+    files = {prefix: numbered(folder, prefix) for prefix in ("flow_x_", "flow_y_", "img_")}
+    names = {prefix: sorted(found) for prefix, found in files.items()}
+    pairs = len(names["flow_x_"])
+    if names["flow_x_"] != list(range(1, pairs + 1)) or names["flow_y_"] != names["flow_x_"] or not pairs:
+        return f"{pairs} flow_x_ and {len(names['flow_y_'])} flow_y_ images, not both numbered 1..P"
+    if with_rgb and names["img_"] != list(range(1, pairs + 2)):
+        return f"{len(names['img_'])} img_ images for {pairs} flow pairs (want P + 1 = {pairs + 1})"
+    for found in files.values():
+        for name in found.values():
+            path = folder / name
+            with open(path, "rb") as f:
+                head = f.read(2)
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 2))
+                if head != b"\xff\xd8" or f.read(2) != b"\xff\xd9":
+                    return f"{path.name} is not a complete JPEG"
+    return None
 
 
 # (x prefix, y prefix) of the tools whose folders are read: denseflow / dense_flow, mmaction2

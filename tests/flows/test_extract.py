@@ -132,6 +132,17 @@ def test_jpg_folders_and_lists_are_tsn_compatible(tmp_path, video_dir):
     rgb_list = (out / "rgb_list.txt").read_text().splitlines()
     assert "left/clip3 8 0" in flow_list and "left/clip3 9 0" in rgb_list
     assert len(flow_list) == len(rgb_list) == 5
+    # damaged folders are found when a rerun reuses them (a cut jpg, a missing image), named, redone
+    whole = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.jpg")}
+    cut = clip / "flow_y_00004.jpg"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    (out / "right" / "clip0" / "img_00002.jpg").unlink()
+    code, output = flow_cli(video_dir, "--out", out, "--format", "jpg", "--rgb", "--algorithm", "dis", "--quiet")
+    assert code == 0 and "2 done, 3 already done" in output, output
+    assert "flow_y_00004.jpg is not a complete JPEG; the video is redone" in output
+    assert "clip0: 5 img_ images for 5 flow pairs (want P + 1 = 6)" in output
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.jpg")} == whole
+    assert (out / "flow_list.txt").read_text().splitlines() == flow_list
 
 
 def _start(args, cwd):
