@@ -1,6 +1,6 @@
 """Fault injection table for extract-flow and extract-features: case -> outcome.
 
-Runs the cases of tests/fault_injection.py (kill -9 of the parent at seeded moments, two writers,
+Runs the cases of bench/fault_cases.py (kill -9 of the parent at seeded moments, two writers,
 a full disk, damaged parts, reruns with other lists, a foreign --out, a dead DataLoader worker)
 and, where this machine allows a user namespace, a real ENOSPC on a small tmpfs.
 
@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import fault_injection as fi  # noqa: E402
+import fault_cases as fi  # noqa: E402 (beside this file)
 
 
 def tmpfs_enospc(kind: str, lists: dict, folder: Path, size: str = "400k") -> fi.Outcome:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ROOT / ".." / "shared" / "data" / "clips"
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     if not CLIPS.is_dir():
         sys.exit(f"{CLIPS} is absent: the benchmark needs the shared real clips")
 
-    from datp_testing import write_video  # lossless FFV1 writer shared with the tests
+    from datp.io.clips import write_video  # the lossless FFV1 writer of the tests
     from datp.flows.compute import FlowComputer, set_single_thread
     from datp.flows.extract import to_gray
     from datp.io.decode import read_video

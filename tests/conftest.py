@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# bench/fault_cases.py (the fault-injection cases) is shared by bench/faults.py and the fault tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from datp_testing import moving_texture, write_video
 

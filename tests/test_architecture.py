@@ -104,3 +104,15 @@ def test_every_cli_command_is_registered_and_documented():
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0, f"datp {name} --help: {result.output}"
         assert len(result.output.splitlines()) > 3, f"datp {name} --help says almost nothing"
+
+
+def test_benchmarks_import_nothing_of_the_tests():
+    """bench/ runs from a checkout without the test helpers: no datp_testing, conftest or tests/ path."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    bad = []
+    for path in sorted(bench.glob("*.py")):
+        names = _imports(path)
+        text = path.read_text()
+        if names & {"datp_testing", "conftest", "pytest"} or '"tests"' in text or "'tests'" in text:
+            bad.append(path.name)
+    assert not bad, "bench files importing test helpers: " + ", ".join(bad)

@@ -1,10 +1,10 @@
-"""extract-features under faults (tests/fault_injection.py): kill -9 at seeded moments, two
+"""extract-features under faults (bench/fault_cases.py): kill -9 at seeded moments, two
 writers, a full disk, damaged parts, reruns with other lists, outputs datp must not overwrite, a
 dead DataLoader worker; option ranges."""
 
 import pytest
 
-import fault_injection as fi
+import fault_cases as fi
 from datp.extract.loader import FeatureConfig
 
 

@@ -1,4 +1,4 @@
-"""extract-flow under faults (tests/fault_injection.py): kill -9 at seeded moments, two writers,
+"""extract-flow under faults (bench/fault_cases.py): kill -9 at seeded moments, two writers,
 a full disk, damaged parts, reruns with other lists, outputs datp must not overwrite; the jpg
 lists' union; option ranges; settings bound only by a run that finished a video."""
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import fault_injection as fi
+import fault_cases as fi
 from datp_testing import run_cli, write_video, moving_texture
 from datp.flows.extract import FlowConfig
 

@@ -4,8 +4,8 @@ damaged parts, reruns with other lists) and checks the promise of docs/architect
 of long jobs"): nothing finished is lost, nothing is mixed, and the rerun's store equals an
 uninterrupted run's, byte for byte.
 
-Used by tests/flows/test_flow_faults.py, tests/extract/test_feature_faults.py and bench/faults.py (which prints
-the table). A plain helper module beside datp_testing.py. Every case returns `Outcome(ok, detail)`.
+Used by bench/faults.py (which prints the table) and by tests/flows/test_flow_faults.py and
+tests/extract/test_feature_faults.py (which import it from bench/: it needs nothing of the tests). Every case returns `Outcome(ok, detail)`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from datp_testing import moving_texture, write_video
+from datp.io.clips import moving_texture, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = {
