@@ -13,6 +13,7 @@ At the end, when the dataset has a test split, the best checkpoint is evaluated 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ from datp.finetune.distributed import (
     teardown,
 )
 from datp.finetune.model import VideoModel, build_model, param_groups
+from datp.io.atomic import OutputLocked, output_lock
 from datp.io.splits import better_epoch
 
 
@@ -52,7 +54,17 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     """
     ctx = setup(cfg.device)
     try:
-        return _run(cfg, ctx, progress)
+        with contextlib.ExitStack() as held:
+            error = None
+            if ctx.is_main:  # one writer per output folder, for the whole run (rank 0 writes it)
+                try:
+                    held.enter_context(output_lock(Path(cfg.out)))
+                except OutputLocked as err:
+                    error = str(err)
+            error = broadcast_object(error, ctx)
+            if error is not None:
+                raise OutputLocked(error)
+            return _run(cfg, ctx, progress)
     finally:
         teardown(ctx)
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datp.io.atomic import atomic_path
+from datp.io.atomic import atomic_path, output_lock
 from datp.io.device import resolve_device
 from datp.pool.heads import build_head
 from datp.pool.standardize import ChannelNorm
@@ -71,8 +71,14 @@ def run_folder(out: str | Path, *, kind: str) -> Iterator[Path]:
     Raises:
         ValueError: `out` is a file, or a non-empty folder that is not a `kind` run folder (checked
             before the block runs, so no work is lost to it).
+        OutputLocked: another live process is writing `out` (`<out>.lock`, held for the block).
     """
     out = Path(out)
+    with output_lock(out):  # one writer per run folder, for the whole run: a second exits 2 naming the first
+        yield from _fresh_folder(out, kind)
+
+
+def _fresh_folder(out: Path, kind: str) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the {kind} run")
     if out.is_dir() and any(out.iterdir()):

@@ -16,11 +16,15 @@ import pytest
 from ft_fixtures import manifest
 
 
+def _args(out) -> list[str]:
+    return [str(manifest()), "--out", str(out), "--backbone", "resnet18", "--segments", "3", "--short-side", "64",
+            "--resize", "64", "--input-size", "56", "--epochs", "3", "--batch-size", "2", "--lr", "0.01",
+            "--lr-steps", "1", "--val-fraction", "0.33", "--dropout", "0.5", "--workers", "0", "--device", "cpu",
+            "--quiet"]
+
+
 def _finetune(out, *, resume: bool = False) -> subprocess.Popen:
-    args = [sys.executable, "-m", "datp", "finetune", str(manifest()), "--out", str(out), "--backbone", "resnet18",
-            "--segments", "3", "--short-side", "64", "--resize", "64", "--input-size", "56", "--epochs", "3",
-            "--batch-size", "2", "--lr", "0.01", "--lr-steps", "1", "--val-fraction", "0.33", "--dropout", "0.5",
-            "--workers", "0", "--device", "cpu", "--quiet"] + (["--resume"] if resume else [])
+    args = [sys.executable, "-m", "datp", "finetune", *_args(out)] + (["--resume"] if resume else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -52,3 +56,20 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pat
                         for k, v in e.items() if k not in drop} for e in h]
     assert strip(result["history"]) == strip(reference["history"])
     assert result["test"] == reference["test"] and result["best"] == reference["best"]
+
+
+def test_a_second_finetune_on_one_folder_is_refused_and_the_first_ends_whole(tmp_path):
+    out = tmp_path / "run"
+    first = _finetune(out)
+    lock = tmp_path / "run.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not lock.exists():
+        time.sleep(0.05)
+    assert lock.exists(), "the first run took no lock"
+    from datp_testing import run_cli  # in-process: it reaches the lock while the first still runs
+
+    code, output = run_cli("finetune", *_args(out))
+    assert code == 2 and f"another datp process (pid {first.pid}) is writing {out}" in output, output
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err.decode()
+    assert json.loads((out / "metrics.json").read_text())["test"] is not None and not lock.exists()

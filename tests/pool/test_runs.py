@@ -182,6 +182,27 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(stores,
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
 
 
+def test_two_runs_on_one_folder_one_is_refused_the_other_whole(stores, tmp_path):
+    """One writer per run folder: a second train-head on the same --out while the first runs exits 2
+    naming the first's pid, before any work; the first ends as the run it would have been alone."""
+    reference = tmp_path / "reference"
+    assert _train_head_process(stores["full"], reference).wait(timeout=300) == 0
+    out = tmp_path / "shared"
+    first = _train_head_process(stores["full"], out)
+    lock = tmp_path / "shared.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not lock.exists():
+        time.sleep(0.05)
+    assert lock.exists(), "the first run took no lock"
+    code, output = run_cli("train-head", str(stores["full"]), "--head", "avg", "--out", str(out), "--quiet")
+    assert code == 2 and f"another datp process (pid {first.pid}) is writing {out}" in output, output
+    assert first.wait(timeout=300) == 0
+    state, metrics = _state(out)
+    want_state, want_metrics = _state(reference)
+    assert metrics == want_metrics and all(torch.equal(state[k], want_state[k]) for k in want_state)
+    assert not lock.exists()
+
+
 def test_a_datp_checkpoint_rebuilds_its_own_sigma_floor(stores, tmp_path):
     """New runs record min_sigma; checkpoints written before it was recorded used 0.01."""
     out = tmp_path / "datp"
