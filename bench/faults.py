@@ -1,10 +1,11 @@
-"""Fault injection table for extract-flow and extract-features: case -> outcome.
+"""Fault injection table for extract-flow, extract-features, train-head and finetune: case -> outcome.
 
 Runs the cases of bench/fault_cases.py (kill -9 of the parent at seeded moments, two writers,
 a full disk, damaged parts, reruns with other lists, a foreign --out, a dead DataLoader worker)
 and, where this machine allows a user namespace, a real ENOSPC on a small tmpfs.
 
-    PYTHONPATH=. python bench/faults.py [--kills 5] [--seed 0] [--videos 5] [--only flow|features]
+    PYTHONPATH=. python bench/faults.py [--kills 5] [--seed 0] [--videos 5]
+        [--only flow|features|train-head|finetune]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import fault_cases as fi  # noqa: E402 (beside this file)
+import run_fault_cases as rf  # noqa: E402
 
 
 def tmpfs_enospc(kind: str, lists: dict, folder: Path, size: str = "400k") -> fi.Outcome:
@@ -55,14 +57,21 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--videos", type=int, default=5)
-    parser.add_argument("--only", choices=["flow", "features"], default=None)
+    parser.add_argument("--only", choices=["flow", "features", "train-head", "finetune"], default=None)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="datp-faults-") as tmp:
         folder = Path(tmp)
         lists = fi.make_dataset(folder, count=args.videos)
-        for kind in [args.only] if args.only else ["flow", "features"]:
-            cases = [
+        inputs = rf.make_inputs(folder) if args.only in (None, "train-head", "finetune") else {}
+        for kind in [args.only] if args.only else ["flow", "features", "train-head", "finetune"]:
+            if kind in rf.ARGS:  # the run-folder commands
+                cases = [(f"kill -9 at {args.kills} seeded moments (seed {args.seed})",
+                          lambda: rf.kill9(kind, inputs, folder, kills=args.kills, seed=args.seed)),
+                         ("two runs on one --out", lambda: rf.concurrent(kind, inputs, folder))]
+            else:
+                cases = []
+            cases = cases or [
                 (f"kill -9 at {args.kills} seeded moments (seed {args.seed})",
                  lambda: fi.kill9(kind, lists, folder, kills=args.kills, seed=args.seed)),
                 ("SIGTERM mid-run", lambda: fi.sigterm(kind, lists, folder)),
@@ -91,7 +100,7 @@ def main() -> int:
                       f"{outcome.detail} ({rows[-1][3]:.0f}s)", flush=True)
     print("\n| command | case | outcome |\n|---|---|---|")
     for kind, name, outcome, _ in rows:
-        print(f"| {fi.COMMAND[kind]} | {name} | {'ok' if outcome.ok else 'FAIL'}: {outcome.detail} |")
+        print(f"| {fi.COMMAND.get(kind, kind)} | {name} | {'ok' if outcome.ok else 'FAIL'}: {outcome.detail} |")
     return 0 if all(o.ok for _, _, o, _ in rows) else 1
 
 
