@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from fault_cases import Outcome, _env, _one_line
+
 from datp.io.clips import moving_texture, write_video
 
 ARGS = {
