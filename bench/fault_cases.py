@@ -145,6 +145,14 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _parts(folder: Path) -> int:
+    """Finished parts in a parts folder (0 when it is absent or vanishes: a run ending removes it)."""
+    try:
+        return len(list(Path(folder).glob("*.h5")))
+    except FileNotFoundError:
+        return 0
+
+
 def kill9(kind: str, lists: dict, folder: Path, *, kills: int = 5, seed: int = 0) -> Outcome:
     """kill -9 the parent (only) at `kills` seeded moments of successive runs on one output;
     its workers must die with it; then the rerun must equal the uninterrupted run.
@@ -164,7 +172,7 @@ def kill9(kind: str, lists: dict, folder: Path, *, kills: int = 5, seed: int = 0
     for _ in range(kills):
         if out.exists() and not parts_dir.exists():  # the last run finished: start afresh
             out.unlink()
-        before = len(list(parts_dir.glob("*.h5")))
+        before = _parts(parts_dir)
         proc = start(kind, lists["all"], out)
         if rng.random() < 0.3:
             moment = rng.uniform(0, span)
@@ -173,7 +181,7 @@ def kill9(kind: str, lists: dict, folder: Path, *, kills: int = 5, seed: int = 0
         else:
             delay, deadline = rng.uniform(0, 0.3), time.time() + 300
             while (proc.poll() is None and time.time() < deadline
-                   and len(list(parts_dir.glob("*.h5"))) <= before):
+                   and _parts(parts_dir) <= before):
                 time.sleep(0.01)
             time.sleep(delay)
             what = f"part+{delay:.2f}s"
@@ -187,7 +195,7 @@ def kill9(kind: str, lists: dict, folder: Path, *, kills: int = 5, seed: int = 0
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
             return Outcome(False, f"a worker outlived its parent killed at {what}")
-        parts = len(list(parts_dir.glob("*.h5")))
+        parts = _parts(parts_dir)
         landed.append(f"{what} {'mid-run, ' + str(parts) + ' parts' if running else 'too late'}")
     code, err = run(kind, lists["all"], out)
     if code != 0:
@@ -206,7 +214,7 @@ def sigterm(kind: str, lists: dict, folder: Path) -> Outcome:
     parts_dir = Path(f"{out}.parts")
     proc = start(kind, lists["all"], out)
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not list(parts_dir.glob("*.h5")):
+    while proc.poll() is None and time.time() < deadline and not _parts(parts_dir):
         time.sleep(0.01)
     if proc.poll() is not None:
         return Outcome(False, f"the run ended (exit {proc.returncode}) before a part appeared")
@@ -219,7 +227,7 @@ def sigterm(kind: str, lists: dict, folder: Path) -> Outcome:
         os.killpg(proc.pid, signal.SIGKILL)
         return Outcome(False, "a process of the job outlived SIGTERM")
     if proc.returncode != 130 or "Traceback" in err:
-        return Outcome(False, f"exit {proc.returncode}: {err.strip()[-300:]}")
+        return Outcome(False, f"exit {proc.returncode}: {err.strip()[-3000:]}")
     code, err2 = run(kind, lists["all"], out)
     if code != 0:
         return Outcome(False, f"rerun exit {code}: {err2.strip()[-300:]}")
