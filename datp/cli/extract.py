@@ -64,6 +64,9 @@ D = defaults(FeatureConfig)
               "segment.")
 @click.option("--batch-size", type=int, default=D["batch_size"], show_default=True,
               help="Images per backbone forward (across videos).")
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default=D["compression"],
+              show_default=True, help="Conv maps on disk: none reads fastest in train-head; lzf (0.83x the "
+              "size) and gzip level 1 (0.70x) read 7-14x slower (docs/stage-two.md).")
 @click.option("--workers", type=int, default=D["workers"], show_default=True,
               help="Decoding/flow worker processes.")
 @click.option("--shard", default=None, help="Do shard i/n (default: torchrun's RANK/WORLD_SIZE).")
@@ -81,7 +84,7 @@ D = defaults(FeatureConfig)
 def extract_features_cmd(ctx, sources, out, backbone, weights, flow_weights, streams, segments, stride,
                          stride_seconds, protocol, new_length, flows, flow_prefixes, flow_start,
                          flow_algorithm, flow_backend, flow_preset, flow_short_side, bound, short_side, resize,
-                         input_size, ten_crop, batch_size, workers, shard, device, seed, root, split,
+                         input_size, ten_crop, batch_size, compression, workers, shard, device, seed, root, split,
                          list_format, skip_missing, quiet):
     """Dump each segment's last conv map and class scores (RGB and flow) to a feature store.
 
@@ -102,7 +105,7 @@ def extract_features_cmd(ctx, sources, out, backbone, weights, flow_weights, str
         flow_prefixes=tuple(p.strip() for p in flow_prefixes.split(",")) if flow_prefixes else None,
         flow_start=flow_start, flow_algorithm=flow_algorithm, flow_backend=flow_backend, flow_preset=flow_preset,
         flow_bound=bound, flow_short_side=flow_short_side, short_side=short_side, resize=resize,
-        input_size=input_size, num_crops=10 if ten_crop else 1, batch_size=batch_size,
+        input_size=input_size, num_crops=10 if ten_crop else 1, batch_size=batch_size, compression=compression,
         workers=workers, shard=parse_shard(shard), device=device, seed=seed)
     dataset, missing = open_dataset(list(sources), root=root, split=split, skip_missing=skip_missing,
                                     list_format=list_format)

@@ -82,7 +82,7 @@ def _store_attrs(cfg: FeatureConfig, class_names: list[str], info: dict, flow: d
         backbone=cfg.backbone, weights=json.dumps({s: i["weights"] for s, i in info.items()}),
         weights_sha256=json.dumps({s: i["sha256"] for s, i in info.items()}),
         input_size=cfg.input_size, crop="center" if cfg.num_crops == 1 else "ten-crop",
-        resize=cfg.resize, flow=flow if "flow" in cfg.streams else {},
+        resize=cfg.resize, flow=flow if "flow" in cfg.streams else {}, conv_compression=cfg.compression,
         models=info, logit_classes=list(logit_classes),
         logits_match_labels=bool(class_names) and list(logit_classes) == list(class_names))
 
@@ -360,7 +360,8 @@ def _write(out: Path, p: _Pending, cfg: FeatureConfig) -> int:
     return images
 
 
-SETTINGS_ONLY = ("settings", "created", "datp_version", "index_only")  # may differ in a rerun
+# may differ in a rerun (the compression of the conv maps changes bytes on disk, not features)
+SETTINGS_ONLY = ("settings", "created", "datp_version", "index_only", "conv_compression")
 
 
 def _check_same_run(out: Path, attrs: dict):

@@ -18,6 +18,7 @@ from datp.extract.sampling import (
     segment_times,
     stride_indices,
 )
+from datp.extract.store.schema import CONV_COMPRESSION, DEFAULT_CONV_COMPRESSION
 from datp.extract.transforms import flow_to_tensor, rgb_to_tensor
 from datp.io.datasets import Record, check_range, check_shard
 
@@ -47,6 +48,8 @@ class FeatureConfig:
         flows: a flow store (.h5) or jpg folder from extract-flow, or a folder of another tool's
             flow jpgs (denseflow, dense_flow, mmaction2: one folder per video id); None computes
             flow on the fly (for rawframe datasets: reads the flow jpgs in each frame folder).
+        compression: HDF5 filter of the conv maps in the final store: "none" (default, fastest for
+            stage two to read), "lzf" or "gzip" (level 1); see `datp.extract.store.schema`.
         flow_backend: on-the-fly TV-L1 by "opencv" (CPU, in the decoding workers) or "torch"
             (`datp.flows.tvl1_torch` in the main process on `device`, next to the backbone, each
             video's pairs as one batch; the workers only decode): the GPU path.
@@ -84,6 +87,7 @@ class FeatureConfig:
     flow_start: int | None = None
     flow_algorithm: str = "tvl1"
     flow_backend: str = "opencv"
+    compression: str = DEFAULT_CONV_COMPRESSION
     flow_preset: str | None = None
     flow_bound: float = 20.0
     flow_short_side: int = 256
@@ -131,6 +135,8 @@ class FeatureConfig:
         check_range("workers", self.workers, 0, "0 decodes in the main process")
         check_range("short_side", self.short_side, 0, "0 keeps the source size")
         check_range("flow_short_side", self.flow_short_side, 0, "0 keeps the source size")
+        if self.compression not in CONV_COMPRESSION:
+            raise ValueError(f"compression {self.compression!r} must be one of {', '.join(CONV_COMPRESSION)}")
         if self.flow_backend not in ("opencv", "torch"):
             raise ValueError(f"flow backend {self.flow_backend!r} must be opencv or torch")
         if self.flow_backend == "torch" and self.flow_algorithm != "tvl1":
