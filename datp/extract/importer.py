@@ -36,7 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datp.extract.store import VideoFeatures, VideoRow, base_attrs, build_store, write_part
+from datp.extract.store import (
+    VideoFeatures,
+    VideoRow,
+    base_attrs,
+    build_store,
+    write_part,
+)
 from datp.io.atomic import output_lock
 from datp.io.h5header import StoreError, check_output
 

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from datp.extract.importer import ImportConfig, import_features
-from datp.extract.store import FeatureStore, VideoFeatures, VideoRow, base_attrs, write_features
+from datp.extract.store import (
+    FeatureStore,
+    VideoFeatures,
+    VideoRow,
+    base_attrs,
+    write_features,
+)
 from datp.pool.detect.localize import segment_seconds
 from datp.pool.detect.pipeline import shown_frames
 from tests.datp_testing import run_cli
