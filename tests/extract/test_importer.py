@@ -179,3 +179,19 @@ def test_config_checks_values():
     with pytest.raises(ValueError, match="--splits item 'validation=training'"):
         ImportConfig(features=".", out="o.h5", list="l.csv", splits="validation=training")
     assert callable(import_features)
+
+
+def test_merge_keeps_the_multi_hot_labels(tmp_path):
+    from datp.extract.store import merge_feature_stores
+
+    for k, (vid, _, _) in enumerate(VIDEOS):
+        np.save(tmp_path / f"{vid}_rgb.npy", _arrays(k, 3 + k))
+    halves = [[("v_a", "jump;run", "train"), ("v_c", "", "test")], [("v_b", "run;jump", "train"), ("v_d", "jump", "test")]]
+    for i, half in enumerate(halves):
+        _write_csv(tmp_path / f"l{i}.csv", [(v, lab, sp) for v, lab, sp in half], header=("id", "labels", "split"))
+        code, out = run_cli("import-features", tmp_path, "--list", tmp_path / f"l{i}.csv", "--out", tmp_path / f"s{i}.h5")
+        assert code == 0, out
+    merge_feature_stores([tmp_path / "s0.h5", tmp_path / "s1.h5"], tmp_path / "m.h5")
+    with FeatureStore(tmp_path / "m.h5") as store:
+        assert store.ids == ["v_a", "v_c", "v_b", "v_d"]
+        assert store.multi_hot().tolist() == [[1, 1], [0, 0], [1, 1], [1, 0]]
