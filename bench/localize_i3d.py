@@ -8,10 +8,11 @@ THUMOS14's test set). Then the user's commands run, each printed, in a fresh `py
     datp import-features FEATURES --list videos.csv --out features.h5 --layout joint --split-at D
     datp train-head features.h5 --head self-attn --attention sigmoid --loss bce --stream rgb|flow ...
     datp train-head features.h5 --head datp --loss bce --stream rgb|flow ...
-    datp localize runs/H-rgb features.h5 --flow-run runs/H-flow --split test --out detections-H.json
+    datp localize runs/H-rgb features.h5 [--flow-run runs/H-flow] --split test --out detections-H.json
     datp eval-detection detections-H.json gt.json --evaluator thumos14 --subset test
 
-and the table gives thumos14 mAP at tIoU 0.1:0.1:0.7 per head (RGB and flow runs fused, theta 0.5),
+and the table gives thumos14 mAP at tIoU 0.1:0.1:0.7 per head, of the rgb run alone and of the rgb and
+flow runs fused (theta 0.5),
 beside two baselines from the same run's video scores: the attention of each test video shuffled over
 its rows (mean of --repeats draws) and uniform attention; and mAP@0.5 with the background videos'
 detections left out (`--annotated-only`), which the official rule counts as false positives.
@@ -126,21 +127,24 @@ def write_set(out: Path, args, seed: int) -> tuple[Path, Path, Path]:
     return folder, out / "videos.csv", out / "gt.json"
 
 
-def scored(run: Path, store: Path, flow_run: Path) -> dict:
-    """Test rows' attention and sigmoid class probabilities of the rgb and flow runs, timed as localize does."""
-    p, q = predict_run(run, features=store, split="test"), predict_run(flow_run, features=store, split="test")
+def scored(run: Path, store: Path, flow_run: Path | None) -> dict:
+    """Test rows' attention and sigmoid class probabilities of the rgb (and flow) run, timed as localize does."""
+    p = predict_run(run, features=store, split="test")
     with FeatureStore(store) as s:
         p["num_frames"], p["fps"] = s.num_frames[p["rows"]], s.fps[p["rows"]]
         p["frame"] = shown_frames(p["frame"], json.loads(s.attrs["new_length"]))
     sig = lambda x: torch.from_numpy(np.asarray(x, np.float64)).sigmoid().numpy()
-    p["probs"], p["flow"] = sig(p["logits"]), (q["weights"], sig(q["logits"]))
+    p["probs"], p["flow"] = sig(p["logits"]), None
+    if flow_run is not None:
+        q = predict_run(flow_run, features=store, split="test")
+        p["flow"] = (q["weights"], sig(q["logits"]))
     return p
 
 
 def thumos_maps(p: dict, truth, weights, flow_weights) -> np.ndarray:
+    flow = None if p["flow"] is None else (flow_weights, p["flow"][1])
     found, _ = localize_arrays(weights, p["probs"], p["mask"], p["frame"], ids=p["ids"], num_frames=p["num_frames"],
-                               fps=p["fps"], class_names=p["class_names"], flow=(flow_weights, p["flow"][1]),
-                               scores_are_probs=True)
+                               fps=p["fps"], class_names=p["class_names"], flow=flow, scores_are_probs=True)
     return np.asarray(evaluate_detection([d for ds in found.values() for d in ds], truth, evaluator="thumos14").map)
 
 
@@ -148,10 +152,13 @@ def baselines(p: dict, truth, repeats: int, seed: int) -> dict:
     rng = np.random.default_rng([seed, 7])
     maps = []
     for _ in range(repeats):
-        a, b = p["weights"].copy(), p["flow"][0].copy()
+        a = p["weights"].copy()
+        b = None if p["flow"] is None else p["flow"][0].copy()
         for i, real in enumerate(p["mask"]):
             order = rng.permutation(int(real.sum()))
-            a[i, real], b[i, real] = a[i, real][order], b[i, real][order]
+            a[i, real] = a[i, real][order]
+            if b is not None:
+                b[i, real] = b[i, real][order]
         maps.append(thumos_maps(p, truth, a, b))
     ones = np.where(p["mask"], 1.0, 0.0)
     return {"shuffled": np.mean(maps, axis=0), "uniform": thumos_maps(p, truth, ones, ones)}
@@ -174,16 +181,18 @@ def pipeline(args, seed: int, out: Path, log: list) -> dict:
     truth = read_activitynet_ground_truth(gt, subset="test")
     table = {}
     for head in HEADS:
-        detections = out / f"detections-{head}.json"
-        datp("localize", runs / f"{head}-rgb", store, "--flow-run", runs / f"{head}-flow", "--split", "test",
-             "--out", detections, log=log)
-        datp("eval-detection", detections, gt, "--evaluator", "thumos14", "--subset", "test", log=log)
-        model = np.asarray(eval_detection(detections, gt, evaluator="thumos14", subset="test").map)
-        annotated = eval_detection(detections, gt, evaluator="thumos14", subset="test", tiou=[0.5], annotated_only=True)
         metrics = {s: json.loads((runs / f"{head}-{s}" / "metrics.json").read_text()) for s in ("rgb", "flow")}
-        p = scored(runs / f"{head}-rgb", store, runs / f"{head}-flow")
-        table[head] = {"model": model, **baselines(p, truth, args.repeats, seed), "annotated_only@0.5": annotated.map[0],
-                       "left_out": annotated.left_out, "class_map": {s: m["class_map"] for s, m in metrics.items()}}
+        for name, fusion in ((f"{head} rgb", []), (f"{head} rgb+flow", ["--flow-run", runs / f"{head}-flow"])):
+            detections = out / f"detections-{name.replace(' ', '-')}.json"
+            datp("localize", runs / f"{head}-rgb", store, *fusion, "--split", "test", "--out", detections, log=log)
+            datp("eval-detection", detections, gt, "--evaluator", "thumos14", "--subset", "test", log=log)
+            model = np.asarray(eval_detection(detections, gt, evaluator="thumos14", subset="test").map)
+            annotated = eval_detection(detections, gt, evaluator="thumos14", subset="test", tiou=[0.5],
+                                       annotated_only=True)
+            p = scored(runs / f"{head}-rgb", store, runs / f"{head}-flow" if fusion else None)
+            table[name] = {"model": model, **baselines(p, truth, args.repeats, seed),
+                           "annotated_only@0.5": annotated.map[0], "left_out": annotated.left_out,
+                           "class_map": {s: m["class_map"] for s, m in metrics.items()}}
     print(f"\nseed {seed}: thumos14 mAP on {len(truth.videos)} annotated test videos ({len(truth.instances)} events) "
           f"+ {args.background} background-only ones")
     print_table(table)
@@ -191,12 +200,12 @@ def pipeline(args, seed: int, out: Path, log: list) -> dict:
 
 
 def print_table(table: dict) -> None:
-    print(f"{'':22}" + "".join(f"{t:>6.1f}" for t in THUMOS14_THRESHOLDS) + "  average")
+    print(f"{'':28}" + "".join(f"{t:>6.1f}" for t in THUMOS14_THRESHOLDS) + "  average")
     for head, rows in table.items():
         for what in ("model", "shuffled", "uniform"):
             maps = rows[what]
-            print(f"{head + ' ' + what:22}" + "".join(f"{m:6.3f}" for m in maps) + f"  {maps.mean():.3f}")
-        print(f"{head:22}mAP@0.5 {rows['model'][4]:.3f} counting the background videos' detections, "
+            print(f"{head + ' ' + what:28}" + "".join(f"{m:6.3f}" for m in maps) + f"  {maps.mean():.3f}")
+        print(f"{head:28}mAP@0.5 {rows['model'][4]:.3f} counting the background videos' detections, "
               f"{rows['annotated_only@0.5']:.3f} with them left out ({rows['left_out']:.0f}); "
               f"class mAP rgb {rows['class_map']['rgb']:.3f}, flow {rows['class_map']['flow']:.3f}\n")
 
@@ -223,7 +232,7 @@ def main() -> None:
     if len(seeds) > 1:
         mean = {h: {k: (np.mean([t[h][k] for t in tables], axis=0) if k != "class_map" else
                         {s: float(np.mean([t[h][k][s] for t in tables])) for s in ("rgb", "flow")})
-                    for k in tables[0][h]} for h in HEADS}
+                    for k in tables[0][h]} for h in tables[0]}
         print(f"mean over seeds {args.seeds}")
         print_table(mean)
     stages: dict[str, float] = {}
