@@ -264,7 +264,7 @@ def import_features(cfg: ImportConfig, *, progress: bool = True) -> dict:
                 raise ValueError(f"video {v.id!r} has no feature rows; drop it from the list")
             frames = v.num_frames or v.offset + T * fpr
             units = (frames - v.offset) / fpr
-            if v.num_frames and not np.floor(units) <= T <= np.ceil(units) + 1:
+            if v.num_frames and not np.floor(units) <= T <= np.ceil(units):
                 raise ValueError(f"video {v.id!r}: {T} feature rows, but the list's num_frames {v.num_frames} "
                                  f"(offset {v.offset}, {fpr} frames per row) gives {units:.1f}; fix num_frames, "
                                  "frames_per_row or offset in the list")
