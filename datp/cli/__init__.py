@@ -19,6 +19,7 @@ COMMANDS = {
     "extract-features": "datp.cli.extract:extract_features_cmd",
     "merge": "datp.cli.extract:merge_cmd",
     "export-features": "datp.cli.extract:export_features_cmd",
+    "import-features": "datp.cli.extract:import_features_cmd",
     "train-head": "datp.cli.pool:train_head_cmd",
     "evaluate": "datp.cli.pool:evaluate_cmd",
     "predict": "datp.cli.pool:predict_cmd",

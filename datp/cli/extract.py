@@ -1,4 +1,5 @@
-"""`datp extract-features` (`datp.extract.features.extract_features`) and `datp merge` (shard stores)."""
+"""`datp extract-features` (`datp.extract.features.extract_features`), `datp merge` (shard stores),
+`datp export-features` and `datp import-features` (`datp.extract.importer.import_features`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import click
 
 from datp.cli.common import SOURCE_HELP, defaults, finish, user_errors
 from datp.extract.features import FeatureConfig
+from datp.extract.importer import ImportConfig
 from datp.io.rawframes import LIST_FORMATS
 
 D = defaults(FeatureConfig)
+I = defaults(ImportConfig)
 
 
 @click.command("extract-features", epilog=SOURCE_HELP + " Also mmaction2's rawframe lists "
@@ -142,3 +145,40 @@ def export_features_cmd(store, out, fmt, streams, split):
     chosen = tuple(s.strip() for s in streams.split(",") if s.strip()) if streams else None
     count = export_features(store, out, fmt=fmt, streams=chosen, split=split)
     click.echo(f"exported {count} videos to {out}")
+
+
+@click.command("import-features")
+@click.argument("features", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--list", "listing", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV (id, labels, split[, fps, frames_per_row, offset, num_frames]) or ActivityNet-style JSON "
+              "(BaSNet's gt.json).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Feature store (HDF5) to write.")
+@click.option("--layout", type=click.Choice(["auto", "streams", "joint"]), default=I["layout"], show_default=True,
+              help="streams: <id>_rgb.npy/<id>_flow.npy or rgb/<id>.npy (video_features, BaSNet); joint: <id>.npy.")
+@click.option("--split-at", type=int, default=I["split_at"], show_default=True,
+              help="Joint arrays: columns [:K] are rgb, [K:] flow (1024 for I3D rgb|flow); 0: one stream.")
+@click.option("--stream", type=click.Choice(["rgb", "flow"]), default=I["stream"], show_default=True,
+              help="The stream of an unsplit joint array.")
+@click.option("--fps", type=float, default=I["fps"], show_default=True, help="Where the list does not say.")
+@click.option("--frames-per-row", type=int, default=I["frames_per_row"], show_default=True,
+              help="Frames each feature row covers (I3D: 16), where the list does not say.")
+@click.option("--offset", type=int, default=I["offset"], show_default=True,
+              help="First frame of row 0, where the list does not say.")
+@click.option("--splits", default=I["splits"], show_default=True,
+              help="JSON lists: SUBSET=SPLIT,... (THUMOS14: validation=train,test=test).")
+@click.option("--skip-missing", is_flag=True, help="Leave out listed videos without arrays.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def import_features_cmd(features, listing, out, layout, split_at, stream, fps, frames_per_row, offset, splits,
+                        skip_missing, quiet):
+    """Turn precomputed per-video .npy (T, D) features (I3D rgb/flow) into a ragged feature store."""
+    from datp.extract.importer import import_features
+
+    cfg = ImportConfig(features=str(features), out=str(out), list=str(listing), layout=layout, split_at=split_at,
+                       stream=stream, fps=fps, frames_per_row=frames_per_row, offset=offset, splits=splits,
+                       skip_missing=skip_missing)
+    r = import_features(cfg, progress=not quiet)
+    click.echo(f"imported {r['videos']} videos ({r['rows']} rows, streams {', '.join(f'{s} {w}' for s, w in r['widths'].items())}, "
+               f"{r['classes']} classes, {r['multi_label']} multi-label, {r['background']} without labels; layout "
+               f"{r['layout']}) into {out}; {len(r['missing'])} listed videos without arrays left out, "
+               f"{r['not_listed']} arrays not in the list ignored")

@@ -60,6 +60,9 @@ E = defaults(EvaluateConfig)
 @click.option("--beta", type=float, default=D["beta"], show_default=True,
               help="self-attn sparsity weight (acts with sigmoid attention).")
 @click.option("--dropout", type=float, default=D["dropout"], show_default=True)
+@click.option("--loss", type=click.Choice(["ce", "bce"]), default=D["loss"], show_default=True,
+              help="ce: softmax cross-entropy on the video label; bce: a sigmoid per class against the "
+              "store's multi-hot labels (multi-label videos; avg, max, datp, lstm-attn, self-attn).")
 @click.option("--standardize/--no-standardize", default=D["standardize"], show_default=True,
               help="Standardise each conv channel with the train videos' mean and std (saved in the "
               "checkpoint); frozen backbones' channels differ in scale by orders of magnitude.")
@@ -77,7 +80,7 @@ E = defaults(EvaluateConfig)
 @user_errors
 def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_decay, seed,
                    val_fraction, score_source, datp_input, gaussians, generator, pooled_scores,
-                   min_sigma, aux_lr_scale, aux_max_lr, hidden, attn_hidden, attention, alpha, beta, dropout,
+                   min_sigma, aux_lr_scale, aux_max_lr, hidden, attn_hidden, attention, alpha, beta, dropout, loss,
                    standardize, device, max_ram_gb,
                    transfer_from, mmd_weight, quiet):
     """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
@@ -94,7 +97,7 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
                    datp_input=datp_input, gaussians=gaussians, generator=generator,
                    pooled_scores=pooled_scores, min_sigma=min_sigma, aux_lr_scale=aux_lr_scale,
                    aux_max_lr=aux_max_lr, hidden=hidden, attn_hidden=attn_hidden,
-                   attention=attention, alpha=alpha, beta=beta, dropout=dropout,
+                   attention=attention, alpha=alpha, beta=beta, dropout=dropout, loss=loss,
                    standardize=standardize, device=device, max_ram_gb=max_ram_gb,
                    transfer_from=str(transfer_from) if transfer_from else None, mmd_weight=mmd_weight)
     cfgs = study_configs(str(features), str(out), heads=head.split(","), streams=stream.split(","), **options)

@@ -18,6 +18,9 @@ STREAM_CHOICES = ("rgb", "flow", "both")
 
 
 SCORE_SOURCE_CHOICES = ("auto", "cached", "linear")
+# "ce": softmax cross-entropy on the video label; "bce": a sigmoid per class against the video's
+# multi-hot labels (multi-label videos, as STPN and W-TALC's successors train on THUMOS14).
+LOSSES = ("ce", "bce")
 
 
 # Options that only some heads read: a non-default value for another head is a user error.
@@ -28,6 +31,8 @@ OPTION_HEADS = {
     "hidden": ("lstm-attn",),
     "attn_hidden": ("self-attn", "joint-attn"),
     "attention": ("self-attn",), "alpha": ("self-attn",), "beta": ("self-attn",),
+    # joint-attn is left out: its two-stream attention has only been trained with one label per video here.
+    "loss": ("avg", "max", "datp", "lstm-attn", "self-attn"),
 }
 
 
@@ -61,6 +66,9 @@ class HeadConfig:
         attention: self-attn's "softmax" or "sigmoid" attention.
         alpha, beta: self-attn's smoothness and sparsity weights (TSRNet's regulariser).
         dropout: dropout before the classifier(s).
+        loss: "ce" (softmax cross-entropy on `videos/label`) or "bce" (per-class sigmoid binary
+            cross-entropy on the store's multi-hot labels, `FeatureStore.multi_hot`; avg, max, datp on
+            pooled logits, lstm-attn, self-attn). With "bce" localize reads sigmoid class scores.
         standardize: standardise each conv channel with its mean and std over the training videos'
             real segments before the head (`ChannelNorm`; saved in the checkpoint and applied to every
             later input). Off: the features as stored.
@@ -97,6 +105,7 @@ class HeadConfig:
     alpha: float = 0.0
     beta: float = 0.0
     dropout: float = 0.0
+    loss: str = "ce"
     standardize: bool = True
     device: str = "auto"
     max_ram_gb: float = 8.0
@@ -111,7 +120,8 @@ class HeadConfig:
                                      ("datp_input", self.datp_input, DATP_INPUTS),
                                      ("generator", self.generator, GENERATORS),
                                      ("pooled_scores", self.pooled_scores, POOLED_SCORES),
-                                     ("attention", self.attention, ATTENTIONS)):
+                                     ("attention", self.attention, ATTENTIONS),
+                                     ("loss", self.loss, LOSSES)):
             if value not in choices:
                 raise ValueError(f"--{_flag(name)} {value!r} is not one of {list(choices)}")
         if self.stream == "both" and self.head != "joint-attn":
@@ -140,6 +150,9 @@ class HeadConfig:
         if self.mmd_weight > 0 and self.transfer_from is None:
             raise ValueError(f"--mmd-weight {self.mmd_weight:g} needs --transfer-from TRIMMED.h5 (the trimmed videos' "
                              "feature store); pass it, or drop --mmd-weight")
+        if self.loss == "bce" and self.head == "datp" and self.pooled_scores != "logits":
+            raise ValueError("--loss bce puts a sigmoid on the pooled logits; DATP with --pooled-scores probs pools "
+                             "probabilities: use --pooled-scores logits")
         defaults = {f.name: f.default for f in fields(self)}
         for name, heads in OPTION_HEADS.items():
             if getattr(self, name) != defaults[name] and self.head not in heads:

@@ -1,6 +1,9 @@
 """Classification metrics and late fusion of streams.
 
 - `metrics(logits, labels, class_names)`: top-1, top-5, mean class accuracy, per-class accuracy.
+- `multilabel_metrics(logits, targets)`: multi-label videos (THUMOS14): the classification mAP over
+  classes (scikit-learn's average precision per class over the videos, mean over the classes that
+  have a positive video) and top-1 counted as a hit when the top class is any of the video's labels.
 - `fuse_runs(runs, on="softmax")`: late fusion `sum_r w_r * softmax(logits_r)` of runs scored on
   the same test videos. Default weights by stream: rgb 1, flow 1.5 (TSN, DATP). Fusion is on
   softmax probabilities by default because heads put their logits on different scales (DATP's
@@ -23,6 +26,35 @@ DEFAULT_STREAM_WEIGHTS = {"rgb": 1.0, "flow": 1.5, "both": 1.0}
 
 
 FUSE_ON = ("softmax", "logits")
+
+
+def multilabel_metrics(logits, targets) -> dict:
+    """Metrics of multi-label videos; rows without any label (background-only) are left out.
+
+    Args:
+        logits: (V, C) video scores (any monotone scale: logits, sigmoid or softmax).
+        targets: (V, C) multi-hot labels (0/1).
+
+    Returns:
+        {"top1_any": share of labelled videos whose top class is one of their labels, "class_map": mean
+        over classes with a positive video of the average precision, "map_classes": how many classes
+        that is, "multilabel_videos": labelled videos}; the values are None without labelled videos.
+    """
+    from sklearn.metrics import average_precision_score
+
+    scores = np.asarray(logits, np.float64)
+    targets = np.asarray(targets) > 0
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"multilabel metrics need (V, C) scores and targets, got {scores.shape} and {targets.shape}")
+    keep = targets.any(axis=1)
+    scores, targets = scores[keep], targets[keep]
+    if not len(scores):
+        return {"top1_any": None, "class_map": None, "map_classes": 0, "multilabel_videos": 0}
+    top1 = float(targets[np.arange(len(scores)), scores.argmax(axis=1)].mean())
+    present = np.flatnonzero(targets.any(axis=0))
+    aps = [average_precision_score(targets[:, c], scores[:, c]) for c in present]
+    return {"top1_any": top1, "class_map": float(np.mean(aps)), "map_classes": int(len(present)),
+            "multilabel_videos": int(len(scores))}
 
 
 def metrics(logits, labels, class_names: Sequence[str]) -> dict:

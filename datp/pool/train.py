@@ -65,7 +65,7 @@ from datp.io.splits import better_epoch
 from datp.pool.config import HeadConfig, head_options, needs_conv
 from datp.pool.data import SegmentData, dataset_classes, head_input, split_rows, store_summary
 from datp.pool.heads import HEADS, param_groups
-from datp.pool.metrics import metrics
+from datp.pool.metrics import metrics, multilabel_metrics
 from datp.pool.mmd import MAX_ROWS, cap_rows, segment_rows, transfer_loss
 from datp.pool.predict import predict_many
 from datp.pool.runs import plain, rebuild_head, run_folder, write_checkpoint, write_json, write_predictions
@@ -97,6 +97,7 @@ class _Member:
     best: dict | None = None
     best_state: dict | None = None
     loss: list = field(default_factory=lambda: [0.0, 0, 0.0, 0])  # loss sum, videos, mmd sum, mmd steps
+    targets: torch.Tensor | None = None  # (V_store, C) float multi-hot labels, for --loss bce
 
     @property
     def joint(self) -> bool:
@@ -184,7 +185,10 @@ def _step(m: _Member, batch, device: torch.device, trimmed=None, rng=None) -> No
     x = head_input(batch, m.streams, device, m.joint)
     y = batch.label.to(device)
     out = m.head(x)
-    loss = F.cross_entropy(out.logits, y)
+    if cfg.loss == "bce":  # a sigmoid per class against the video's multi-hot labels
+        loss = F.binary_cross_entropy_with_logits(out.logits, m.targets[batch.index].to(device))
+    else:
+        loss = F.cross_entropy(out.logits, y)
     if cfg.head == "self-attn" and (cfg.alpha or cfg.beta):
         loss = loss + m.head.regularizer(out.weights, batch.mask.to(device), alpha=cfg.alpha, beta=cfg.beta)
     if trimmed is not None:
@@ -215,8 +219,14 @@ def _validate(members: Sequence[_Member], data: SegmentData, rows, batch_size: i
     if not len(rows):
         return [{"val_loss": None, "val_top1": None} for _ in members]
     out = []
-    for p in predict_many([(m.head, m.streams) for m in members], data, rows, batch_size=batch_size, device=device):
+    for m, p in zip(members, predict_many([(m.head, m.streams) for m in members], data, rows, batch_size=batch_size,
+                                          device=device)):
         logits, labels = torch.from_numpy(p["logits"]).double(), torch.from_numpy(p["labels"])
+        if m.cfg.loss == "bce":  # top-1 is a hit when the top class is any of the video's labels
+            target = m.targets[torch.from_numpy(np.asarray(p["rows"], np.int64))].double()
+            out.append({"val_loss": F.binary_cross_entropy_with_logits(logits, target).item(),
+                        "val_top1": target[torch.arange(len(target)), logits.argmax(1)].mean().item()})
+            continue
         out.append({"val_loss": F.cross_entropy(logits, labels).item(),
                     "val_top1": (logits.argmax(1) == labels).double().mean().item()})
     return out
@@ -242,6 +252,12 @@ def _train(cfgs: Sequence[HeadConfig], outs: Sequence[Path], *, progress: bool) 
         every = np.concatenate([train_rows, val_rows, test_rows])
         pad_to = int(store.lengths(every).max())
         members = _members(cfgs, outs, store, class_names, pad_to)
+        targets = torch.from_numpy(store.multi_hot(C)).float()  # (V, C); one-hot for single-label stores
+        if targets.shape[1] != C:
+            raise ValueError(f"{store.path.name} has multi-hot labels over {targets.shape[1]} classes but {C} class "
+                             "names; re-import it")
+        for m in members:
+            m.targets = targets
         streams = tuple(dict.fromkeys(s for m in members for s in m.streams))  # the union, in order
         conv = any(m.conv for m in members)
         # Test rows join the RAM copy only so that the final test does not read the store again.
@@ -350,6 +366,8 @@ def _train(cfgs: Sequence[HeadConfig], outs: Sequence[Path], *, progress: bool) 
             test = {"top1": None, "top5": None, "mean_class_accuracy": None, "per_class_accuracy": None, "videos": 0}
             if p is not None:
                 test = metrics(p["logits"], p["labels"], class_names)
+                if store.multi_label or m.cfg.loss == "bce":
+                    test |= multilabel_metrics(p["logits"], targets[p["rows"]].numpy())
                 write_predictions(m.out, p, ids=[store.ids[i] for i in p["rows"]], class_names=class_names,
                                   num_frames=store.num_frames[p["rows"]], fps=store.fps[p["rows"]],
                                   attrs={"head": m.cfg.head, "stream": m.cfg.stream, "split": "test"})

@@ -7,10 +7,13 @@ One HDF5 file (docs/architecture.md shows it with an example):
   algorithm, preset, bound, source), `class_names` (JSON list, may be empty), `datp_version`,
   `created`, `settings` (JSON of the whole FeatureConfig).
 - `videos/id` (V,) utf-8, `videos/label` (V,) int64 (-1 unknown), `videos/split` (V,) utf-8,
-  `videos/num_frames` (V,) int64, `videos/fps` (V,) float32.
+  `videos/num_frames` (V,) int64, `videos/fps` (V,) float32; optional `videos/labels` (V, C) uint8
+  multi-hot labels of multi-label videos (`datp import-features`; without it `FeatureStore.multi_hot`
+  reads one-hot of `videos/label`).
 - fixed layout: `segments/t` (V, N) float32 segment centre times in [0, 1], `segments/frame`
   (V, N) int64 first frame of each segment; `<stream>/conv` (V, N, Cf, h, w) float16, one video
-  per chunk; `<stream>/logits` (V, N, C) float32; streams are `rgb` and/or `flow`.
+  per chunk, or (V, N, D) feature vectors; `<stream>/logits` (V, N, C) float32; streams are `rgb`
+  and/or `flow`.
 - ragged layout (stride mode, a variable number of segments per video): `segments/offset` (V,)
   and `segments/length` (V,) int64 index flat arrays `segments/t` (S,), `segments/frame` (S,),
   `<stream>/conv` (S, Cf, h, w), `<stream>/logits` (S, C); video v owns rows

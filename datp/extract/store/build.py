@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -283,7 +283,7 @@ def _with_counts(row: VideoRow, kind, src) -> VideoRow:
             n, fps = int(f.attrs.get("num_frames", 0)), float(f.attrs.get("fps", 0.0))
     if not n:
         return row
-    return VideoRow(row.id, row.label, row.split, n, fps)
+    return replace(row, num_frames=n, fps=fps)  # keeps `labels`
 
 
 def _length(kind, src) -> int:

@@ -35,8 +35,9 @@ def merge_feature_stores(inputs: Sequence[Path], out: Path, *, copy: bool = Fals
         ids = [i for s in stores for i in s.ids]
         if len(set(ids)) != len(ids):
             raise StoreError("a video is in two of the inputs; merge the shards of one run")
-        rows = [VideoRow(i, int(l), str(sp), int(n), float(f)) for s in stores
-                for i, l, sp, n, f in zip(s.ids, s.labels, s.splits, s.num_frames, s.fps)]
+        rows = [VideoRow(i, int(l), str(sp), int(n), float(f), tuple(np.flatnonzero(h).tolist()) if s.multi_label else ())
+                for s in stores for i, l, sp, n, f, h in zip(s.ids, s.labels, s.splits, s.num_frames, s.fps,
+                                                             s.multi_hot())]
         ragged = first.layout == "ragged"
         with writing(Path(out)), atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(first.attrs)

@@ -96,6 +96,7 @@ class FeatureStore:
         self.num_frames = self._file["videos/num_frames"][:]
         self.fps = self._file["videos/fps"][:]
         self.done = self._file["done"][:]
+        self.multi_label = "videos/labels" in self._file  # the optional multi-hot column
         if self.layout == "ragged":
             self.offset = self._file["segments/offset"][:]
             self.length = self._file["segments/length"][:]
@@ -117,6 +118,18 @@ class FeatureStore:
     def num_classes(self) -> int:
         """Classes of the stored logits (the backbone's classifier)."""
         return int(self._file[f"{self.streams[0]}/logits"].shape[-1]) if self.streams else 0
+
+    def multi_hot(self, num_classes: int | None = None) -> np.ndarray:
+        """(V, C) uint8 labels: the store's multi-hot `videos/labels` column (imported multi-label
+        videos, e.g. THUMOS14), else one-hot of `videos/label` (-1: a row of zeros). C is the
+        column's width, else `num_classes` (default: the class names, or the largest label + 1)."""
+        if self.multi_label:
+            return self._file["videos/labels"][:].astype(np.uint8)
+        C = num_classes or len(self.class_names) or int(self.labels.max(initial=-1)) + 1
+        out = np.zeros((len(self.ids), C), np.uint8)
+        known = np.flatnonzero(self.labels >= 0)
+        out[known, self.labels[known]] = 1
+        return out
 
     def conv_shape(self, stream: str) -> tuple[int, ...]:
         """The shape of one segment's features: (Cf, h, w) conv maps, or (D,) feature vectors."""
@@ -235,6 +248,8 @@ def check_shapes(store: FeatureStore) -> None:
     for key in ("videos/label", "videos/split", "videos/num_frames", "videos/fps", "done"):
         if key in f and f[key].shape != (V,):
             raise bad(f"{key} has shape {f[key].shape} for {V} videos")
+    if "videos/labels" in f and (f["videos/labels"].ndim != 2 or f["videos/labels"].shape[0] != V):
+        raise bad(f"videos/labels has shape {f['videos/labels'].shape}, not ({V}, classes)")
     streams = [(k, f[k]) for s in store.streams for k in (f"{s}/conv", f"{s}/logits")]
     if store.layout == "fixed":
         N = store.num_segments

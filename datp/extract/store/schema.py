@@ -33,7 +33,8 @@ CONV_COMPRESSION = {"none": {}, "lzf": {"compression": "lzf"},
 DEFAULT_CONV_COMPRESSION = "none"
 
 __all__ = ["BASE_NAME", "KIND", "SCHEMA", "STREAMS", "StoreError", "VideoFeatures", "VideoRow",
-           "CONV_COMPRESSION", "DEFAULT_CONV_COMPRESSION", "base_attrs", "conv_filters", "is_final", "plain_attrs", "stored_attrs", "write_videos"]
+           "CONV_COMPRESSION", "DEFAULT_CONV_COMPRESSION", "base_attrs", "conv_filters", "is_final", "multi_hot",
+           "plain_attrs", "stored_attrs", "write_videos"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class VideoRow:
     split: str = "all"
     num_frames: int = 0
     fps: float = 0.0
+    labels: tuple[int, ...] = ()  # every class of a multi-label video (THUMOS14); () = just `label`
 
 
 @dataclass
@@ -98,6 +100,25 @@ def write_videos(f: h5py.File, rows: Sequence[VideoRow]) -> None:
     v["split"] = np.array([r.split for r in rows], dtype=object).astype(STR_DTYPE)
     v["num_frames"] = np.array([r.num_frames for r in rows], np.int64)
     v["fps"] = np.array([r.fps for r in rows], np.float32)
+    if any(r.labels for r in rows):  # the optional multi-hot column; stores without it read one-hot
+        v["labels"] = multi_hot(rows, len(json.loads(f.attrs.get("class_names", "[]"))))
+
+
+def multi_hot(rows: Sequence[VideoRow], num_classes: int) -> np.ndarray:
+    """(V, C) uint8 multi-hot labels of `rows`: a row's `labels`, else its `label` (-1: none).
+
+    Raises:
+        StoreError: a label outside 0 .. C-1 (C = `num_classes`, or the largest label + 1 when 0).
+    """
+    sets = [tuple(r.labels) or ((r.label,) if r.label >= 0 else ()) for r in rows]
+    C = num_classes or max((c + 1 for labels in sets for c in labels), default=0)
+    out = np.zeros((len(rows), C), np.uint8)
+    for i, labels in enumerate(sets):
+        for c in labels:
+            if not 0 <= c < C:
+                raise StoreError(f"video {rows[i].id!r} has label {c}; the store has {C} classes")
+            out[i, c] = 1
+    return out
 
 
 def is_final(path: Path) -> bool:

@@ -66,6 +66,11 @@ def _predict_rows(run_dir: str | Path, store: FeatureStore, rows: np.ndarray, *,
     data = run_data(run, store, rows)
     p = predict(run.head, data, rows, batch_size=batch_size, device=run.device)
     p["head"], p["stream"] = run.name, run.stream
+    p["loss"] = (run.config.get("config") or {}).get("loss", "ce")  # runs before --loss trained with "ce"
+    # Class probabilities as the head was trained to give them: a sigmoid per class after --loss bce
+    # (multi-label videos), else the softmax.
+    logits = torch.from_numpy(np.asarray(p["logits"], np.float64))
+    p["probs"] = (logits.sigmoid() if p["loss"] == "bce" else logits.softmax(-1)).numpy()
     return p, run.class_names
 
 
@@ -75,7 +80,9 @@ def shown_frames(frames: np.ndarray, new_length: Mapping[str, int]) -> np.ndarra
     With the flow stream, segment k of `datp extract-features` reads flow pairs `start_k .. start_k + L - 1`
     (frames `start_k .. start_k + L`) and the RGB frame `start_k + L // 2`, and `segments/frame` holds
     `start_k`: both streams show `start_k + L // 2`. Timing the segments from `start_k` would put every
-    detection L // 2 frames early. Without flow the RGB frame is `start_k` itself.
+    detection L // 2 frames early. Without flow the RGB frame is `start_k` itself. One rule covers both and
+    imported stores (`datp import-features`: every stream's row k covers the `L = frames_per_row` frames
+    from `start_k`): a segment shows `start_k + max(L over the streams) // 2`.
 
     Args:
         frames: (V, N) `segments/frame` of V videos (padded positions pass through shifted).
@@ -83,9 +90,10 @@ def shown_frames(frames: np.ndarray, new_length: Mapping[str, int]) -> np.ndarra
 
     Returns:
         (V, N) int64 shown frames for `segment_seconds` (which centres each span on them and starts the
-        first at 0): `frames + L // 2` with the flow stream (L = new_length["flow"]), `frames` without.
+        first at 0): `frames + max(new_length.values()) // 2` (extract-features: L of flow with the flow
+        stream, `frames` without, since RGB has L = 1).
     """
-    return np.array(frames, dtype=np.int64) + (int(new_length["flow"]) // 2 if "flow" in new_length else 0)
+    return np.array(frames, dtype=np.int64) + max(int(L) for L in new_length.values()) // 2
 
 
 def localize_arrays(
@@ -226,18 +234,18 @@ def localize_run(
             q, flow_classes = _predict_rows(flow_run, store, rows, device=device, batch_size=batch_size)
             if flow_classes != class_names:
                 raise ValueError(f"{flow_run} was trained on other classes than {run_dir}; fuse runs of one dataset")
-            flow = (q["weights"], q["logits"])
+            flow = (q["weights"], q["probs"])
         ids = [store.ids[i] for i in p["rows"]]
         num_frames, fps = store.num_frames[p["rows"]], store.fps[p["rows"]]
         frames = shown_frames(p["frame"], json.loads(store.attrs["new_length"]))
         summary = store_summary(store)
     detections, attention = localize_arrays(
-        p["weights"], p["logits"], p["mask"], frames, ids=ids, num_frames=num_frames, fps=fps,
+        p["weights"], p["probs"], p["mask"], frames, ids=ids, num_frames=num_frames, fps=fps,
         class_names=class_names, flow=flow, theta=theta, class_threshold=class_threshold,
-        segment_threshold=segment_threshold, nms_iou=nms_iou)
+        segment_threshold=segment_threshold, nms_iou=nms_iou, scores_are_probs=True)
     settings = {"theta": theta if flow_run is not None else None, "class_threshold": class_threshold,
                 "segment_threshold": segment_threshold, "nms_iou": nms_iou,
-                "scores": "w_i^c = a_i * softmax(logits)_c"}
+                "scores": "w_i^c = a_i * " + ("sigmoid" if p["loss"] == "bce" else "softmax") + "(logits)_c"}
     external = {"used": False, "details": "datp localize: attention weights of a head trained on video labels",
                 "datp": {"run": str(Path(run_dir).resolve()), "head": p["head"], "stream": p["stream"],
                          "flow_run": None if flow_run is None else str(Path(flow_run).resolve()),
