@@ -149,7 +149,8 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
     models, info = load_models(cfg, dataset.class_names)
     attrs = _store_attrs(cfg, dataset.class_names, info, flow)
     mark = _check_same_run(out, attrs)
-    rows = [fstore.VideoRow(r.id, r.label, r.split) for r in records]
+    rows = [fstore.VideoRow(r.id, r.label, r.split, labels=tuple(r.labels) if len(r.labels) > 1 else ())
+            for r in records]  # multi-label lists: every label, in the store's multi-hot column
     finished = fstore.done_ids(out, report=_note)
     absent = {r.id for r in missing}
     todo = [r for r in records if r.id not in finished and r.id not in absent]

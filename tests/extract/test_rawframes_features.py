@@ -82,7 +82,10 @@ def test_extract_features_from_mmaction2_rawframes(tmp_path):
     net = build_backbone("resnet18", seed=0).eval()
     with FeatureStore(out) as store:
         assert store.ids == ["imgs#1", "imgs#2"]
-        assert store.labels.tolist() == [1, 3]  # the store keeps one label: the first
+        assert store.labels.tolist() == [1, 3]  # `label` is the first; every label in the multi-hot column
+        want = [[int(c in {int(x) for x in line.split()[2:]}) for c in range(store.multi_hot().shape[1])]
+                for line in mm("annotations", "rawframe_test_list_multi_label.txt").read_text().splitlines()]
+        assert store.multi_label and store.multi_hot().tolist() == want
         assert store.num_frames.tolist() == [5, 5]
         flow = json.loads(store.attrs["flow"])
         assert flow["bound"] == 15.0 and flow["algorithm"] == "external"
