@@ -197,7 +197,15 @@ def main(argv=None) -> int:
     parser.add_argument("--streams", nargs="+", choices=["rgb", "flow"], help="streams to train (default: all)")
     parser.add_argument("--work", help="keep the run folders here (default: a temporary folder, removed)")
     parser.add_argument("--json", help="write every seed's numbers and the settings here")
+    parser.add_argument("--tables-from", nargs="+", metavar="JSON",
+                        help="print the tables of earlier --json outputs (their seeds together) and exit")
     args = parser.parse_args(argv)
+    if args.tables_from:
+        saved = [json.loads(Path(p).read_text()) for p in args.tables_from]
+        print(f"{', '.join(args.tables_from)}: seeds {[s for x in saved for s in x['settings']['seeds']]}; "
+              f"settings {json.dumps({k: v for k, v in saved[0]['settings'].items() if k != 'seeds'})}\n")
+        print(format_tables([seed for x in saved for seed in x["per_seed"]], saved[0]["settings"].get("extra")))
+        return 0
     if (args.store is None) == (args.construction is None):
         parser.error("give a STORE or --construction NAME (one of them)")
     datp = {}
