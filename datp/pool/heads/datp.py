@@ -237,8 +237,8 @@ class AuxNet(nn.Module):
 
 
 def default_min_sigma(num_segments: int, init_variance: float = 0.2) -> float:
-    """DATP's default lower bound of sigma: half the segment spacing, 0.5 / N (at most half the initial
-    standard deviation); see the module docstring for the measurement behind it."""
+    """The key-moment setting of the lower bound of sigma (`min_sigma=None`): half the segment spacing,
+    0.5 / N (at most half the initial standard deviation); see the module docstring ("Settings measured")."""
     return min(0.5 / max(num_segments, 1), 0.5 * math.sqrt(init_variance))
 
 
@@ -263,7 +263,7 @@ class DATPHead(nn.Module):
         dropout: dropout before the linear segment classifier.
         init_variance: sigma_k^2 at initialisation (the paper's 0.2).
         min_sigma: lower bound of sigma_k; None: half the segment spacing, 0.5 / num_segments (capped
-            at half the initial sigma). See the module docstring ("Defaults measured").
+            at half the initial sigma). See the module docstring ("Settings measured").
         aux_lr_scale: the auxiliary net's learning rate relative to the classifier's (`lr_scales`,
             read by `heads.param_groups`).
         aux_max_lr: the largest learning rate of the auxiliary net (`lr_caps`); None: no cap.
@@ -281,7 +281,7 @@ class DATPHead(nn.Module):
             min_sigma = default_min_sigma(num_segments, init_variance)
         if not aux_lr_scale > 0:
             raise ValueError(f"datp aux_lr_scale must be > 0, got {aux_lr_scale}")
-        # Per instance: heads.param_groups reads both (see "Defaults measured" above).
+        # Per instance: heads.param_groups reads both (see "Settings measured" above).
         self.lr_scales = {"aux.": aux_lr_scale}
         self.lr_caps = {} if aux_max_lr is None else {"aux.": aux_max_lr}
         for name, value, choices in (("input", input, DATP_INPUTS), ("generator", generator, GENERATORS),
