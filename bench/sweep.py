@@ -1,15 +1,16 @@
 """Every pooling head on many key-moment constructions (`datp.synth.keymoments`), over several seeds.
 
 For each construction and seed, a small key-moment feature store is written to a temporary folder
-and every head is trained on it with `train_head` at its defaults (30 epochs, lr 1e-3, batch 32; only
-the seed changes): avg, max, datp (mog K=1, mog K=2, discrete), lstm-attn, self-attn, and joint-attn
-when the store has two streams. The table gives test top-1 as mean +- std over the seeds, the
+and every head is trained on it in one study (`train_heads`) at train-head's defaults (30 epochs, lr
+1e-3, batch 32; only the seed changes) except DATP, which gets the key-moment settings (floor 0.5 / N,
+auxiliary step min(lr, 1e-3); `--datp-defaults`: none): avg, max, datp (mog K=1, mog K=2, discrete),
+lstm-attn (`--lstm-hidden` cells, 512 by default), self-attn, and joint-attn when the store has two streams. The table gives test top-1 as mean +- std over the seeds, the
 construction's balance r = L (C - 1) / ((N - L) s) (mean key length L, C classes, N segments,
 distractor strength s; "-" without a single confuser; see docs/fidelity.md), and the acceptance check
 of issue 13: DATP mog (K=1 and K=2) >= 0.9 x the best head where the best reaches 0.8, and >= avg +
 0.3 where avg <= 0.5.
 
-Seeds 10, 11, 12 are the default: the defaults of the DATP head were tuned on seeds 0 and 1.
+Seeds 10, 11, 12 are the default: the DATP settings were tuned on seeds 0 and 1.
 
 Run: python bench/sweep.py [--seeds 10 11 12] [--only NAME ...] [--train 300] [--test 100]
      [--heads COLUMN ...] [--lstm-hidden 512] [--datp-defaults] [--json OUT.json]
