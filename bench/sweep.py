@@ -1,18 +1,19 @@
 """Every pooling head on many key-moment constructions (`datp.synth.keymoments`), over several seeds.
 
 For each construction and seed, a small key-moment feature store is written to a temporary folder
-and every head is trained on it with `train_head` at its defaults (30 epochs, lr 1e-3, batch 32; only
-the seed changes): avg, max, datp (mog K=1, mog K=2, discrete), lstm-attn, self-attn, and joint-attn
-when the store has two streams. The table gives test top-1 as mean +- std over the seeds, the
+and every head is trained on it in one study (`train_heads`) at train-head's defaults (30 epochs, lr
+1e-3, batch 32; only the seed changes) except DATP, which gets the key-moment settings (floor 0.5 / N,
+auxiliary step min(lr, 1e-3); `--datp-defaults`: none): avg, max, datp (mog K=1, mog K=2, discrete),
+lstm-attn (`--lstm-hidden` cells, 512 by default), self-attn, and joint-attn when the store has two streams. The table gives test top-1 as mean +- std over the seeds, the
 construction's balance r = L (C - 1) / ((N - L) s) (mean key length L, C classes, N segments,
 distractor strength s; "-" without a single confuser; see docs/fidelity.md), and the acceptance check
 of issue 13: DATP mog (K=1 and K=2) >= 0.9 x the best head where the best reaches 0.8, and >= avg +
 0.3 where avg <= 0.5.
 
-Seeds 10, 11, 12 are the default: the defaults of the DATP head were tuned on seeds 0 and 1.
+Seeds 10, 11, 12 are the default: the DATP settings were tuned on seeds 0 and 1.
 
 Run: python bench/sweep.py [--seeds 10 11 12] [--only NAME ...] [--train 300] [--test 100]
-     [--heads COLUMN ...] [--json OUT.json]
+     [--heads COLUMN ...] [--lstm-hidden 512] [--datp-defaults] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from datp.synth.keymoments import KeyMomentConfig, write_store
 from datp.pool.config import HeadConfig
-from datp.pool.train import train_head
+from datp.pool.train import train_heads
 
 # name -> KeyMomentConfig overrides (the defaults: 6 classes, 10 segments, key 1-2 at random places,
 # one confuser per video at 1.3x, cue 1 on 4 channels, noise 1, 64x7x7 maps, random logits).
@@ -66,23 +67,31 @@ def balance(cfg: KeyMomentConfig) -> float | None:
     return L * (cfg.num_classes - 1) / ((cfg.num_segments - L) * cfg.distractor_strength)
 
 
-def run_one(cfg: KeyMomentConfig, folder: Path, only: list[str] | None = None) -> dict[str, float]:
-    """Test top-1 of every head (or the columns `only`) on the store of `cfg` (seeded with cfg.seed)."""
+def run_one(cfg: KeyMomentConfig, folder: Path, only: list[str] | None = None, datp: dict | None = None,
+            lstm_hidden: int = 512) -> dict[str, float]:
+    """Test top-1 of every head (or the columns `only`) on the store of `cfg` (seeded with cfg.seed).
+
+    All heads train in one study (`train_heads`: one read of each batch, each head exactly its own
+    `train_head` run). `datp` (default `KEY_MOMENT` with the sigma floor 0.5 / N) is given to the
+    DATP columns; `{}` trains them at train-head's defaults."""
     store = folder / "store.h5"
     write_store(cfg, store)
     heads = dict(HEADS)
     if len(cfg.streams) == 2:
         heads["joint-attn"] = ("joint-attn", {})
     heads = {k: v for k, v in heads.items() if only is None or k in only}
-    out = {}
+    if datp is None:
+        datp = {**KEY_MOMENT, "min_sigma": 0.5 / cfg.num_segments}
+    cfgs = []
     for column, (head, options) in heads.items():
         stream = "both" if head == "joint-attn" else "flow"
         if head == "datp":
-            options = {**options, **KEY_MOMENT, "min_sigma": 0.5 / cfg.num_segments}
-        result = train_head(HeadConfig(features=str(store), out=str(folder / column), head=head, stream=stream,
-                                       seed=cfg.seed, device="cpu", **options), progress=False)
-        out[column] = result["top1"]
-    return out
+            options = {**options, **datp}
+        if head == "lstm-attn":
+            options = {**options, "hidden": lstm_hidden}
+        cfgs.append(HeadConfig(features=str(store), out=str(folder / column), head=head, stream=stream,
+                               seed=cfg.seed, device="cpu", **options))
+    return {column: result["top1"] for column, result in zip(heads, train_heads(cfgs, progress=False))}
 
 
 def acceptance(means: dict[str, float]) -> str:
@@ -106,8 +115,11 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=300, help="training videos per store")
     parser.add_argument("--test", type=int, default=100, help="test videos per store")
     parser.add_argument("--heads", nargs="+", choices=list(HEADS) + ["joint-attn"],
-                        help="columns to run (default: all; lstm-attn at its default 512 cells is ~10x the "
-                             "cost of every other head together, 70 s a store of 5 segments on one core)")
+                        help="columns to run (default: all, lstm-attn included at its default 512 cells)")
+    parser.add_argument("--lstm-hidden", type=int, default=512,
+                        help="lstm-attn's cells (train-head's default 512; the demo trains 128: ~16x fewer FLOPs)")
+    parser.add_argument("--datp-defaults", action="store_true",
+                        help="train the DATP columns at train-head's defaults instead of the key-moment settings")
     parser.add_argument("--json", help="also write the per-seed results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
@@ -120,7 +132,7 @@ def main(argv=None) -> int:
                 cfg = KeyMomentConfig(seed=seed, n_train=args.train, n_test=args.test, **CONSTRUCTIONS[name])
                 folder = Path(tmp) / f"{name}-{seed}"
                 folder.mkdir()
-                per_seed.append(run_one(cfg, folder, args.heads))
+                per_seed.append(run_one(cfg, folder, args.heads, {} if args.datp_defaults else None, args.lstm_hidden))
                 print(f"{name} seed {seed}: " + " ".join(f"{k} {v:.2f}" for k, v in per_seed[-1].items()),
                       f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
             results[name] = per_seed

@@ -28,7 +28,7 @@ def random_mixture(num_videos: int, num_gaussians: int, *, seed: int) -> tuple[T
 @torch.no_grad()
 def testing_schemes(run_dir: str | Path, *, avg_run: str | Path | None = None, features: str | Path | None = None,
                     split: str = "test", seed: int = 0, batch_size: int = 64, device: str = "cpu",
-                    max_ram_gb: float = 0.0) -> dict:
+                    max_ram_gb: float = 0.0, keep_logits: bool = False) -> dict:
     """The DATP paper's testing schemes on split `split` of the store.
 
     - "datp": the run's head as trained.
@@ -47,9 +47,12 @@ def testing_schemes(run_dir: str | Path, *, avg_run: str | Path | None = None, f
         features: the store (default: the one the run was trained on).
         split, seed, batch_size, device, max_ram_gb: what to score; P1's seed; batching; device;
             RAM for the data (0: read per batch).
+        keep_logits: also return every scheme's (V, C) logits and the labels, in the store's row
+            order of `split` (for late fusion of the schemes' streams, `bench/ablations.py`).
 
     Returns:
-        {"schemes": {name: metrics}, "p2_gt_p3": bool | None, "notes": [str]}.
+        {"schemes": {name: metrics}, "p2_gt_p3": bool | None, "notes": [str]}, plus "logits"
+        {name: (V, C)} and "labels" (V,) with `keep_logits`.
 
     Raises:
         StoreError: the store lacks the run's stream.
@@ -110,7 +113,10 @@ def testing_schemes(run_dir: str | Path, *, avg_run: str | Path | None = None, f
         if avg is not None:
             avg_data = run_data(avg, store, rows, max_ram_gb=max_ram_gb)
             p = predict(avg.head, avg_data, rows, batch_size=batch_size, device=avg.device)
+            if not np.array_equal(p["labels"], labels):
+                raise ValueError(f"--avg-run {avg_run} scored other videos than {run_dir}; use runs of one store")
             schemes["P3"] = metrics(p["logits"], p["labels"], avg.class_names)
+            logits["P3"] = p["logits"]
         else:
             notes.append("P3 needs --avg-run (a run of the avg head on the same store and stream)")
     p2_gt_p3 = None
@@ -119,4 +125,7 @@ def testing_schemes(run_dir: str | Path, *, avg_run: str | Path | None = None, f
         if run.score_source == "cached" and avg.score_source == "cached":
             notes.append("both runs pool the store's frozen cached scores, so P2 and P3 are the same numbers; "
                          "train both with --score-source linear to test the paper's claim")
-    return {"schemes": schemes, "p2_gt_p3": p2_gt_p3, "notes": notes, "split": split, "videos": int(len(labels))}
+    out = {"schemes": schemes, "p2_gt_p3": p2_gt_p3, "notes": notes, "split": split, "videos": int(len(labels))}
+    if keep_logits:
+        out |= {"logits": logits, "labels": labels}
+    return out

@@ -142,3 +142,56 @@ def test_below_balance_one_the_segment_classifier_learns_inverted_scores(tmp_pat
         key = videos.key[p["rows"]]
         accuracy[name] = (predicted == p["labels"][:, None])[key].mean()
     assert accuracy["issue13"] < 1 / 3 and accuracy["N5-d1.0"] > 2 / 3, accuracy
+
+
+# ---------------------------------------------------------------- the ablation tables (bench/ablations.py)
+
+def _bench(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))  # ablations imports sweep
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_ablation_cells_are_their_runs_schemes_and_fusion(tmp_path):
+    """Every cell of bench/ablations.py is what its run folder, the testing schemes and late fusion give,
+    computed here again: run metrics from predictions.h5, P2 as the mean of the DATP run's segment scores,
+    P3 as the avg run, fused as softmax(rgb) + 1.5 softmax(flow)."""
+    import torch
+
+    from datp.pool.metrics import metrics
+    from datp.pool.runs import read_predictions
+
+    ablations = _bench("ablations")
+    store = tmp_path / "k.h5"
+    write_store(replace(SMALL, n_train=40, n_test=16, streams=("rgb", "flow")), store)
+    cells = ablations.run_seed(str(store), 5, tmp_path / "w", ["avg", "datp"], train={"all": {"epochs": 3}},
+                               datp={}, extra={"km": {"min_sigma": "half", "aux_lr_scale": 1.0}})
+    assert set(cells) == {"avg", "datp", "km", "datp:P1", "datp:P2"}
+    soft = {}
+    for row in ("avg", "datp", "km"):
+        for stream in ("rgb", "flow"):
+            p = read_predictions(tmp_path / "w" / "seed5" / f"{row}-{stream}")
+            assert cells[row][stream] == metrics(p["logits"], p["labels"], p["class_names"])["top1"]
+            soft[row, stream] = torch.from_numpy(p["logits"]).double().softmax(1).numpy()
+            if row == "datp":
+                # P2: the DATP run's own segment classifier, averaged over the (all real) segments
+                p2 = p["segment_scores"].mean(axis=1)
+                assert cells["datp:P2"][stream] == metrics(p2, p["labels"], p["class_names"])["top1"]
+        fused = soft[row, "rgb"] + 1.5 * soft[row, "flow"]
+        assert cells[row]["fused"] == metrics(fused, p["labels"], p["class_names"])["top1"]
+    import json as _json
+    km = _json.loads((tmp_path / "w" / "seed5" / "km-flow" / "config.json").read_text())["resolved"]["head_options"]
+    assert km["min_sigma"] == 0.5 / SMALL.num_segments and km["aux_lr_scale"] == 1.0
+    table = ablations.format_tables([cells, cells])
+    assert "| P3 (avg-trained, avg pooling) | " + " | ".join(f"{cells['avg'][c]:.2f} +- 0.00" for c in
+                                                          ("rgb", "flow", "fused")) + " |" in table
