@@ -8,6 +8,7 @@ import click
 
 from datp.cli.common import SOURCE_HELP, defaults, user_errors
 from datp.finetune.config import FinetuneConfig
+from datp.io.rawframes import LIST_FORMATS
 
 D = defaults(FinetuneConfig)
 
@@ -33,6 +34,9 @@ D = defaults(FinetuneConfig)
               help="Flow store or jpg folder from extract-flow (needed for --stream flow).")
 @click.option("--root", type=click.Path(path_type=Path), default=None)
 @click.option("--split", type=int, default=1, show_default=True)
+@click.option("--list-format", type=click.Choice(LIST_FORMATS), default=D["list_format"], show_default=True,
+              help="How list files are read (rawframe lists told from video lists by their fields; "
+              "name rawframes-offset for mmaction2's with_offset lists).")
 @click.option("--train-split", default=D["train_split"], show_default=True, help="Records to train on.")
 @click.option("--test-split", default=D["test_split"], show_default=True,
               help="Records evaluated with the best checkpoint at the end (never used for choices).")
@@ -70,7 +74,7 @@ D = defaults(FinetuneConfig)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
 def finetune_cmd(sources, out, stream, head, head_options, backbone, weights, segments, new_length,
-                 flows, root, split, train_split, test_split, val_fraction, short_side, resize,
+                 flows, root, split, list_format, train_split, test_split, val_fraction, short_side, resize,
                  input_size, multi_scale, epochs, batch_size, lr, lr_schedule, lr_steps, lr_gamma,
                  momentum, weight_decay, dropout, bn_freeze, conv1_lr_mult, head_lr_mult, clip_grad,
                  amp, channels_last, workers, device, seed, resume, quiet):
@@ -85,7 +89,7 @@ def finetune_cmd(sources, out, stream, head, head_options, backbone, weights, se
         sources=tuple(str(s) for s in sources), out=str(out), stream=stream, head=head,
         head_options=tuple(head_options), backbone=backbone, weights=weights, num_segments=segments,
         new_length=new_length, flows=str(flows) if flows else None, root=str(root) if root else None,
-        split=split, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
+        split=split, list_format=list_format, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
         short_side=short_side, resize=resize, input_size=input_size, multi_scale=multi_scale,
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
         lr_steps=parse_numbers(lr_steps, kind=int, what="--lr-steps"), lr_gamma=lr_gamma, momentum=momentum,

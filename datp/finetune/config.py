@@ -63,6 +63,8 @@ class FinetuneConfig:
             "cuda".
         seed: seed of the initialisation, the validation split, sampling, augmentation, dropout.
         resume: continue the run in `out` from its last finished epoch.
+        list_format: how list files are read, as in extract-features ("auto", "video", "rawframes",
+            "rawframes-offset": mmaction2's lists with an offset column; `datp.io.rawframes`).
     """
 
     sources: tuple[str, ...]
@@ -77,6 +79,7 @@ class FinetuneConfig:
     flows: str | None = None
     root: str | None = None
     split: int = 1
+    list_format: str = "auto"
     train_split: str = "train"
     test_split: str = "test"
     val_fraction: float = 0.2

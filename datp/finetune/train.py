@@ -148,7 +148,7 @@ def _data(cfg: FinetuneConfig) -> tuple[data.Splits, list[str], dict[str, int]]:
     """The splits, the class names, and the flow pair count of every video (when flows are given)."""
     from datp.io.datasets import load_dataset
 
-    dataset = load_dataset(list(cfg.sources), root=cfg.root, split=cfg.split)
+    dataset = load_dataset(list(cfg.sources), root=cfg.root, split=cfg.split, list_format=cfg.list_format)
     missing = dataset.missing()
     if missing:
         raise ValueError(f"{missing[0].origin}: video {missing[0].path} not found ({len(missing)} of "

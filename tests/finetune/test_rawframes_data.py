@@ -52,3 +52,23 @@ def test_flow_clips_read_mmaction2_flow_jpgs_from_the_offset(tmp_path):
     stacks = np.stack([[np.stack([_images(c, [1 + 1 + j], cv2.IMREAD_GRAYSCALE)[0] for c in ("x_", "y_")], -1)
                         for j in row] for row in pairs])
     assert_close(item["x"], flow_to_tensor(torch.from_numpy(stacks), resize=64, crop=56)[:, 0], what="flow")
+
+
+def test_finetune_reads_offset_lists_with_list_format(tmp_path):
+    """mmaction2's with_offset list (every line 4 fields) is ambiguous without --list-format; with
+    `list_format="rawframes-offset"` finetune's data step reads offsets and labels as extract-features."""
+    import pytest
+
+    from datp.finetune.config import FinetuneConfig
+    from datp.finetune.train import _data
+    from datp.io.datasets import DatasetError
+
+    listing = tmp_path / "train_list.txt"
+    listing.write_text((mm("annotations", "rawframe_test_list_with_offset.txt")).read_text())
+    common = dict(sources=(str(listing),), out=str(tmp_path / "run"), root=str(mm()), train_split="train",
+                  test_split="none", val_fraction=0.0)
+    with pytest.raises(DatasetError, match="list-format"):
+        _data(FinetuneConfig(**common))
+    splits, _, _ = _data(FinetuneConfig(list_format="rawframes-offset", **common))
+    records = splits.train
+    assert [(r.offset, r.total_frames, r.label) for r in records] == [(2, 5, 127), (2, 5, 127)]
