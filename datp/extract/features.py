@@ -246,6 +246,16 @@ def _worker_init(_worker_id: int) -> None:
             report(err, obj)
 
     multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(quiet)
+    # Likewise the thread that passes tensor fds to the parent (multiprocessing.resource_sharer) reports
+    # a connection the stopping parent dropped through sys.excepthook: a traceback after every SIGTERM
+    # under load (seen once in the fault table), not an error of the run.
+    hook = sys.excepthook
+
+    def quiet_hook(kind, value, tb):
+        if not issubclass(kind, (ConnectionResetError, BrokenPipeError, EOFError)):
+            hook(kind, value, tb)
+
+    sys.excepthook = quiet_hook
 
 
 def _loader(items: VideoItems, indices: list[int], workers: int):
