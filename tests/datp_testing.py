@@ -24,10 +24,24 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def eval_resnet18(seed: int):
+    """A torchvision resnet18 with random weights and non-trivial BatchNorm statistics (so eval mode
+    must use them), in eval mode: the network the features-equal-torchvision tests compare against."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(weights=None)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
 def assert_close(got, want, atol=0.0, what: str = ""):
     """`got` and `want` (tensors, arrays, lists or numbers) have one shape and differ by at most `atol`
     anywhere, compared in float64; the message names `what` and the largest difference."""
-    import numpy as np
     import torch
 
     def as_array(x):

@@ -16,11 +16,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torchvision
 import torchvision.transforms.v2 as T
 from torch import nn
 
-from datp_testing import moving_texture, one_thread, run_cli, shared_data, write_video  # noqa: F401 (one_thread: an autouse fixture)
+from datp_testing import eval_resnet18, moving_texture, one_thread, run_cli, shared_data, write_video  # noqa: F401 (one_thread: an autouse fixture)
 from datp.extract.backbones import build_backbone
 from datp.extract.store import FeatureStore
 from datp.io.decode import read_video
@@ -101,13 +100,7 @@ def per_video(path: Path) -> dict:
 @pytest.mark.parametrize("crops", [1, 10])
 def test_real_clip_equals_torchvision(tmp_path, crops):
     clip = shared_data("clips", "mmaction2", "tests_data", "test.mp4")
-    torch.manual_seed(7)
-    net = torchvision.models.resnet18(weights=None)
-    for m in net.modules():  # non-trivial BatchNorm statistics: eval mode must use them
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    net.eval()
+    net = eval_resnet18(7)
     weights = tmp_path / "resnet18-test.pth"
     torch.save(net.state_dict(), weights)
     out = tmp_path / "features.h5"

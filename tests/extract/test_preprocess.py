@@ -13,7 +13,7 @@ import torchvision
 import torchvision.transforms.v2 as T
 from torch import nn
 
-from datp_testing import one_thread, run_cli, shared_data  # noqa: F401 (one_thread: an autouse fixture)
+from datp_testing import eval_resnet18, one_thread, run_cli, shared_data  # noqa: F401 (one_thread: an autouse fixture)
 from datp.extract.store import FeatureStore
 from datp.io.decode import read_video
 
@@ -56,13 +56,7 @@ def weights_and_clips(tmp_path_factory):
         link.parent.mkdir(exist_ok=True)
         link.symlink_to(path)
         clips[name] = (link, size)
-    torch.manual_seed(3)
-    net = torchvision.models.resnet18(weights=None)
-    for m in net.modules():  # non-trivial BatchNorm statistics: eval mode must use them
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    net.eval()
+    net = eval_resnet18(3)
     weights = tmp / "resnet18-7class.pth"
     torch.save(net.state_dict(), weights)
     return tmp, net, weights, clips
