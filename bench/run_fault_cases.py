@@ -58,9 +58,13 @@ def _start(command: str, source: Path, out: Path, *extra: str) -> subprocess.Pop
                             start_new_session=True)
 
 
+def _resume(command: str, out: Path) -> list[str]:
+    """What a user reruns after a crash: finetune continues from its resume point when there is one."""
+    return ["--resume"] if command == "finetune" and (out / "resume.pt").exists() else []
+
+
 def _finish(command: str, source: Path, out: Path) -> tuple[int, str]:
-    extra = ["--resume"] if command == "finetune" and (out / "resume.pt").exists() else []
-    proc = _start(command, source, out, *extra)
+    proc = _start(command, source, out, *_resume(command, out))
     _, err = proc.communicate(timeout=900)
     return proc.returncode, err
 
@@ -98,8 +102,7 @@ def kill9(command: str, inputs: dict, folder: Path, *, kills: int = 5, seed: int
     duration, want = time.perf_counter() - started, _result(command, reference)
     out, mid = folder / f"{command}-killed", 0
     for moment in sorted(np.random.default_rng(seed).uniform(0.2, 1.0, size=kills) * duration):
-        extra = ["--resume"] if command == "finetune" and (out / "resume.pt").exists() else []
-        proc = _start(command, source, out, *extra)
+        proc = _start(command, source, out, *_resume(command, out))
         time.sleep(moment)
         mid += proc.poll() is None
         os.killpg(proc.pid, signal.SIGKILL)

@@ -195,22 +195,22 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
                 build(final=False)
                 last_index = time.perf_counter()
 
+    def fail(record: Record, reason: str) -> None:
+        failure_log.add(record, reason)
+        summary.failed.append((record.id, str(record.path), reason))
+        bar.update(1)
+
     try:
         for item in items:
             record = todo[item["i"]]
             if not item["ok"]:
-                failure_log.add(record, item["reason"])
-                summary.failed.append((record.id, str(record.path), item["reason"]))
-                bar.update(1)
+                fail(record, item["reason"])
                 continue
             if "flow_gray" in item:  # on-the-fly flow by the torch TV-L1, here on the backbone's device
                 try:
                     device_flow(item, flow_computer, cfg, flow["bound"])
                 except (ValueError, torch.cuda.OutOfMemoryError) as err:
-                    reason = f"{type(err).__name__}: {err}".replace("\n", " ")
-                    failure_log.add(record, reason)
-                    summary.failed.append((record.id, str(record.path), reason))
-                    bar.update(1)
+                    fail(record, f"{type(err).__name__}: {err}".replace("\n", " "))
                     continue
             pending.append(_Pending(record, item))
             flush(force=False)
