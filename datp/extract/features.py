@@ -34,6 +34,7 @@ from datp.io.atomic import die_with_parent, ensure_shared_memory, isolated
 from datp.io.datasets import Dataset, Record, shard_out, shard_records
 from datp.io.device import resolve_device
 from datp.io.h5header import check_output
+from datp.io.messages import warn
 from datp.io.runner import FailureLog, Summary
 from datp.io.settings import check_settings, read_marker, write_marker
 
@@ -136,10 +137,6 @@ def extract_features(dataset: Dataset, cfg: FeatureConfig, *, progress: bool = T
         return _extract(dataset, cfg, out, progress, missing)
 
 
-def _note(message: str) -> None:
-    print(f"datp: warning: {message}", file=sys.stderr)
-
-
 def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
              missing: list[Record]) -> Summary:
     from tqdm import tqdm
@@ -151,7 +148,7 @@ def _extract(dataset: Dataset, cfg: FeatureConfig, out: Path, progress: bool,
     mark = _check_same_run(out, attrs)
     rows = [fstore.VideoRow(r.id, r.label, r.split, labels=tuple(r.labels) if len(r.labels) > 1 else ())
             for r in records]  # multi-label lists: every label, in the store's multi-hot column
-    finished = fstore.done_ids(out, report=_note)
+    finished = fstore.done_ids(out, report=warn)
     absent = {r.id for r in missing}
     todo = [r for r in records if r.id not in finished and r.id not in absent]
     summary = Summary(skipped=len(records) - len(todo) - len(absent & {r.id for r in records}))

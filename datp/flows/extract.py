@@ -10,7 +10,6 @@ jpg folder (`datp.flows.jpg`). See docs/architecture.md for the guarantees.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from datp.io.atomic import isolated
 from datp.io.datasets import Dataset, Record, check_range, check_shard, shard_records
 from datp.io.decode import DecodeError, VideoInfo, iter_frames
 from datp.io.h5header import check_output
+from datp.io.messages import warn
 from datp.io.runner import FailureLog, Summary, run_jobs
 from datp.io.settings import check_settings, read_marker, write_marker
 
@@ -186,10 +186,6 @@ def extract_flow(dataset: Dataset, cfg: FlowConfig, *, progress: bool = True,
         return _extract_flow(dataset, cfg, out, progress, missing)
 
 
-def _note(message: str) -> None:
-    print(f"datp: warning: {message}", file=sys.stderr)
-
-
 def _extract_flow(dataset, cfg, out, progress, missing) -> Summary:
     from tqdm import tqdm
 
@@ -205,14 +201,14 @@ def _extract_flow(dataset, cfg, out, progress, missing) -> Summary:
         marker = parts_dir(out) / "settings.json"
         check_settings(out, read_marker(marker) or (store.stored_settings(out) if out.is_file()
                                                     else None), settings, **same)
-        finished = store.done_ids(out, report=_note)
+        finished = store.done_ids(out, report=warn)
         store.open_for_update(out)
         store.write_store(out, records, settings, final=False)
         sink = store.FlowPartWriter(out, on_first_done=lambda: write_marker(marker, settings))
     else:
         marker = out / jpg.SETTINGS_NAME
         check_settings(out, read_marker(marker), settings, **same)
-        finished = jpg.done_ids(out, records, with_rgb=cfg.rgb, report=_note)
+        finished = jpg.done_ids(out, records, with_rgb=cfg.rgb, report=warn)
         sink = jpg.JpgWriter(out, with_rgb=cfg.rgb,
                              on_first_done=lambda: write_marker(marker, settings))
     absent = {r.id for r in missing}

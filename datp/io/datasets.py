@@ -26,11 +26,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datp.io.messages import warn
 from datp.io.rawframes import LIST_FORMATS, is_rawframe_list, parse_rawframe_list
 from datp.io.shards import SHARD_ENV, check_shard, parse_shard, shard_out, shard_records  # noqa: F401 (re-exported)
 
@@ -143,9 +143,9 @@ def _note_label_gaps(records: list[Record], class_names: list[str]) -> None:
         return
     first = min(set(range(max(labels) + 1)) - labels)
     top = next(r for r in records if max(r.labels or (r.label,)) == max(labels))
-    print(f"datp: warning: labels go up to {max(labels)} ({top.origin}) but only {len(labels)} of the "
+    warn(f"labels go up to {max(labels)} ({top.origin}) but only {len(labels)} of the "
           f"{max(labels) + 1} classes this makes have videos (none for {first}); check the labels, or give "
-          "the class list (classInd.txt or a manifest's class column)", file=sys.stderr)
+          "the class list (classInd.txt or a manifest's class column)")
 
 
 def _check_label(record: Record, class_names: list[str]) -> None:
