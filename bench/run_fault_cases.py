@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,7 +105,12 @@ def kill9(command: str, inputs: dict, folder: Path, *, kills: int = 5, seed: int
     for moment in sorted(np.random.default_rng(seed).uniform(0.2, 1.0, size=kills) * duration):
         proc = _start(command, source, out, *_resume(command, out))
         time.sleep(moment)
-        mid += proc.poll() is None
+        if proc.poll() is not None:  # it ended before this moment: a whole run, then start afresh
+            if proc.returncode != 0 or _result(command, out) != want:
+                return Outcome(False, f"a run that ended before its kill (exit {proc.returncode}) differs")
+            shutil.rmtree(out)
+            continue
+        mid += 1
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         if command == "train-head" and out.exists() and _result(command, out) != want:
