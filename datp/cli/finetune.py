@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from datp.cli.common import SOURCE_HELP, defaults, user_errors
+from datp.cli.common import SOURCE_HELP, defaults, size, user_errors
 from datp.finetune.config import FinetuneConfig
 from datp.io.rawframes import LIST_FORMATS
 
@@ -31,7 +31,20 @@ D = defaults(FinetuneConfig)
 @click.option("--new-length", type=int, default=D["new_length"], show_default=True,
               help="Flow pairs stacked per segment.")
 @click.option("--flows", type=click.Path(exists=True, path_type=Path), default=D["flows"],
-              help="Flow store or jpg folder from extract-flow (needed for --stream flow).")
+              help="Flow store or jpg folder from extract-flow; without it --stream flow computes the flow "
+              "of the sampled pairs while training (TSN's random sampling every epoch, never written).")
+@click.option("--flow-algorithm", type=click.Choice(["tvl1", "dis", "farneback"]), default=D["flow_algorithm"],
+              show_default=True, help="On-the-fly flow algorithm.")
+@click.option("--flow-backend", type=click.Choice(["opencv", "torch"]), default=D["flow_backend"],
+              show_default=True, help="On-the-fly TV-L1: opencv (CPU, in the decoding workers) or torch (on "
+              "--device in the training process, the pairs of a batch as one batch: the GPU path).")
+@click.option("--flow-preset", default=D["flow_preset"], help="On-the-fly flow preset (see extract-flow; "
+              "tvl1 default: tuned).")
+@click.option("--flow-short-side", type=int, default=D["flow_short_side"], show_default=True,
+              help="On-the-fly flow: decode at this short side (0: the source size).")
+@click.option("--flow-size", default=None, help="On-the-fly flow: decode at WxH instead (TSN: 340x256).")
+@click.option("--bound", type=float, default=D["flow_bound"], show_default=True,
+              help="On-the-fly flow quantization bound in pixels, as extract-flow's.")
 @click.option("--root", type=click.Path(path_type=Path), default=None)
 @click.option("--split", type=int, default=1, show_default=True)
 @click.option("--list-format", type=click.Choice(LIST_FORMATS), default=D["list_format"], show_default=True,
@@ -74,7 +87,7 @@ D = defaults(FinetuneConfig)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @user_errors
 def finetune_cmd(sources, out, stream, head, head_options, backbone, weights, segments, new_length,
-                 flows, root, split, list_format, train_split, test_split, val_fraction, short_side, resize,
+                 flows, flow_algorithm, flow_backend, flow_preset, flow_short_side, flow_size, bound, root, split, list_format, train_split, test_split, val_fraction, short_side, resize,
                  input_size, multi_scale, epochs, batch_size, lr, lr_schedule, lr_steps, lr_gamma,
                  momentum, weight_decay, dropout, bn_freeze, conv1_lr_mult, head_lr_mult, clip_grad,
                  amp, channels_last, workers, device, seed, resume, quiet):
@@ -88,7 +101,9 @@ def finetune_cmd(sources, out, stream, head, head_options, backbone, weights, se
     cfg = FinetuneConfig(
         sources=tuple(str(s) for s in sources), out=str(out), stream=stream, head=head,
         head_options=tuple(head_options), backbone=backbone, weights=weights, num_segments=segments,
-        new_length=new_length, flows=str(flows) if flows else None, root=str(root) if root else None,
+        new_length=new_length, flows=str(flows) if flows else None, flow_algorithm=flow_algorithm,
+        flow_backend=flow_backend, flow_preset=flow_preset, flow_short_side=flow_short_side,
+        flow_size=size(flow_size), flow_bound=bound, root=str(root) if root else None,
         split=split, list_format=list_format, train_split=train_split, test_split=test_split, val_fraction=val_fraction,
         short_side=short_side, resize=resize, input_size=input_size, multi_scale=multi_scale,
         epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,

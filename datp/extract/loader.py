@@ -338,15 +338,12 @@ class VideoItems(torch.utils.data.Dataset):
                                  f"segments read pair {needed.max() + 1}; its video decodes to {T} frames")
             table = read_flow_pairs(flow_folder(self.flow["source"], record), needed, layout)
         elif self.flow["source"] == "on-the-fly":
-            from datp.flows.compute import FlowComputer
-            from datp.flows.extract import to_gray
-            from datp.flows.quantize import quantize
+            from datp.flows.compute import FlowComputer, sampled_flow
 
             computer = FlowComputer(algorithm=self.flow["algorithm"], preset=self.flow["preset"])
-            gray = {}
-            for j in np.unique(np.concatenate([needed, needed + 1])):
-                gray[j] = to_gray(frames[j])
-            table = {j: quantize(computer(gray[j], gray[j + 1]), self.flow["bound"]) for j in needed}
+            gray = _gray_frames(frames, pairs)
+            video = (gray["flow_pairs"], gray["flow_index"], gray["flow_gray"])
+            return sampled_flow(computer, [video], self.flow["bound"])[0]
         elif Path(self.flow["source"]).is_dir():
             from datp.flows.jpg import read_flow_pairs, video_dir
 
@@ -379,14 +376,11 @@ def _gray_frames(frames: dict, pairs: np.ndarray) -> dict:
 def device_flow(item: dict, computer, cfg: FeatureConfig, bound: float) -> None:
     """Turn an item's decoded gray frames into its flow input, in place: TV-L1 of every pair the
     segments read as one batch on `computer`'s device (a torch `FlowComputer`), quantized at `bound`
-    like stored flow, then the flow transform. The same numbers as the opencv path's workers would
-    give with the torch backend (tested against a store made by `extract-flow --backend torch`)."""
-    from datp.flows.quantize import quantize
+    like stored flow (`datp.flows.compute.sampled_flow`), then the flow transform. The same numbers
+    as the opencv path's workers would give with the torch backend (tested against a store made by
+    `extract-flow --backend torch`)."""
+    from datp.flows.compute import sampled_flow
 
-    pairs, index, gray = item.pop("flow_pairs"), item.pop("flow_index"), item.pop("flow_gray")
-    at = {j: k for k, j in enumerate(index.tolist())}
-    needed = np.unique(pairs).tolist()
-    flows = computer.pairs([(gray[at[j]], gray[at[j + 1]]) for j in needed])
-    table = {j: quantize(f, bound) for j, f in zip(needed, flows)}
-    stacks = np.stack([[table[j] for j in row] for row in pairs.tolist()])
+    video = item.pop("flow_pairs"), item.pop("flow_index"), item.pop("flow_gray")
+    stacks = sampled_flow(computer, [video], bound)[0]
     item["flow"] = flow_to_tensor(stacks, resize=cfg.resize, crop=cfg.input_size, num_crops=cfg.num_crops)

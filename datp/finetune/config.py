@@ -36,7 +36,13 @@ class FinetuneConfig:
         weights: "random" (seeded), a torchvision state_dict (ImageNet) or a datp checkpoint.
         num_segments: N segments per video (TSN trains with 3).
         new_length: flow pairs per segment (L); flow stream only.
-        flows: flow store (.h5) or jpg folder from `datp extract-flow` (required for flow).
+        flows: flow store (.h5) or jpg folder from `datp extract-flow`; None with the flow
+            stream computes the flow of the sampled pairs while training (never written).
+        flow_algorithm, flow_backend, flow_preset, flow_bound, flow_short_side, flow_size: that
+            on-the-fly flow, as extract-features': "opencv" computes it in the decoding workers,
+            "torch" (TV-L1, `datp.flows.tvl1_torch`) in the training process on its device, the
+            pairs of a batch as one batch (the GPU path); decoded at `flow_short_side` (0: the
+            source size) or `flow_size` (W, H), quantized at `flow_bound` like stored flow.
         root, split: as in extract-flow (video folder of list files; official split number).
         train_split, test_split: the record splits to train on and to report at the end.
         val_fraction: share of the training videos held out (seeded, stratified by class:
@@ -77,6 +83,12 @@ class FinetuneConfig:
     num_segments: int = 3
     new_length: int = 5
     flows: str | None = None
+    flow_algorithm: str = "tvl1"
+    flow_backend: str = "opencv"
+    flow_preset: str | None = None
+    flow_bound: float = 20.0
+    flow_short_side: int = 256
+    flow_size: tuple[int, int] | None = None
     root: str | None = None
     split: int = 1
     list_format: str = "auto"
@@ -115,8 +127,15 @@ class FinetuneConfig:
         if not self.sources:
             raise ValueError("no SOURCE given; pass the dataset (a list file, split folder or manifest)")
         if self.stream == "flow" and not self.flows:
-            raise ValueError("the flow stream reads stored flow: pass --flows STORE.h5 or a jpg folder "
-                             "made by datp extract-flow")
+            from datp.flows.compute import FlowComputer
+
+            FlowComputer(algorithm=self.flow_algorithm, preset=self.flow_preset,
+                         backend=self.flow_backend)  # names checked now, not after the data is loaded
+            if self.flow_bound <= 0 or self.flow_short_side < 0:
+                raise ValueError(f"flow_bound {self.flow_bound} must be > 0 and flow_short_side "
+                                 f"{self.flow_short_side} >= 0 (0 keeps the source size)")
+            if self.flow_size is not None and (len(self.flow_size) != 2 or min(self.flow_size) < 1):
+                raise ValueError(f"flow_size {self.flow_size} must be W x H, both >= 1")
         for name in ("num_segments", "new_length", "epochs", "batch_size", "input_size", "resize"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 1")

@@ -10,6 +10,14 @@ Sampling (TSN): N segments; training draws one random start in each of N equal p
 extract-features does. RGB reads one frame per segment, flow a stack of L consecutive pairs sampled
 in the space of T - 1 pairs (a flow store's or jpg folder's count).
 
+Flow without a flow store (`flows` None, `on_the_fly` settings): the video is decoded at the flow's
+size, the pairs its segments read are sampled as above (T from the decoder) and only their flow is
+computed (`datp.flows.compute.sampled_flow`), quantized like stored flow, then augmented: the same
+input as a store that `datp extract-flow` made with those settings would give. With the "opencv"
+backend the decoding workers compute it; with "torch" they return the sampled gray frames and the
+training process computes the pairs of the whole batch on its device (`ClipDataset.on_device`),
+re-creating each sample's augmentation generator from `(seed, epoch, index)`.
+
 Rawframe datasets (a rawframe list, `datp.io.rawframes`): RGB is read from each folder's
 `img_*.jpg` at their stored size (`short_side` does not apply); flow from `--flows DIR` where
 `DIR/<id>` holds another tool's flow jpgs (denseflow, dense_flow, mmaction2; prefixes and first
@@ -181,24 +189,32 @@ class ClipDataset(torch.utils.data.Dataset):
         train: random offsets and augmentation, else centred segments and a centre crop.
         num_segments, new_length: N and L (L is 1 for rgb).
         flows: flow store or jpg folder (flow stream), and `flow_pairs` its counts by id.
+        on_the_fly: with `flows` None, the flow settings {"algorithm", "preset", "backend",
+            "bound", "short_side", "size"} (`FinetuneConfig`'s flow_* fields).
         short_side, resize, input_size, multi_scale: decoding size and crops (see FinetuneConfig).
         mean, std: RGB normalisation.
         seed: the run's seed.
 
-    Items: {"x": (N, C, S, S) float32, "t": (N,) segment times, "label": int, "index": int}.
+    Items: {"x": (N, C, S, S) float32, "t": (N,) segment times, "label": int, "index": int};
+    with the torch flow backend "x" is missing and "flow_pairs", "flow_index", "flow_gray"
+    (sampled pairs, frame numbers, (K, H, W) gray frames) and "epoch" come instead, for `on_device`.
     """
 
     def __init__(self, records: list[Record], *, stream: str, train: bool, num_segments: int,
                  new_length: int = 1, flows: str | None = None, flow_pairs: dict[str, int] | None = None,
                  short_side: int = 256, resize: int = 256, input_size: int = 224, multi_scale: bool = True,
-                 mean=None, std=None, seed: int = 0):
+                 mean=None, std=None, seed: int = 0, on_the_fly: dict | None = None):
         self.records, self.stream, self.train = records, stream, train
         self.num_segments, self.new_length = num_segments, new_length if stream == "flow" else 1
         self.flows, self.flow_pairs = flows, flow_pairs or {}
         self.short_side, self.resize, self.input_size = short_side, resize, input_size
         self.multi_scale, self.seed = multi_scale, seed
         self.norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+        self.on_the_fly = on_the_fly if stream == "flow" and flows is None else None
+        if stream == "flow" and flows is None and on_the_fly is None:
+            raise ValueError("the flow stream needs a flow store, a jpg folder or on-the-fly flow settings")
         self._store = None  # FlowStore, opened in the process that reads it
+        self._computer = None  # the opencv backend's FlowComputer, made in the worker that uses it
 
     def __len__(self) -> int:
         return len(self.records)
@@ -209,16 +225,26 @@ class ClipDataset(torch.utils.data.Dataset):
         rng, gen = sample_generators(self.seed, epoch, index)
         mode = "train" if self.train else "test"
         L = self.new_length
+        if self.stream == "flow" and self.on_the_fly is not None:
+            starts, P, video = self._sampled_gray(record, mode, rng)
+            t = torch.from_numpy(segment_times(starts, L, P))
+            if self.on_the_fly["backend"] == "torch":  # computed by the training process: `on_device`
+                pairs, frames, gray = video
+                return {"flow_pairs": pairs, "flow_index": frames, "flow_gray": gray, "t": t,
+                        "label": record.label, "index": index, "epoch": epoch}
+            from datp.flows.compute import FlowComputer, sampled_flow
+
+            if self._computer is None:
+                self._computer = FlowComputer(algorithm=self.on_the_fly["algorithm"],
+                                              preset=self.on_the_fly["preset"])
+            x = self._flow_input(sampled_flow(self._computer, [video], self.on_the_fly["bound"])[0], gen)
+            return {"x": x, "t": t, "label": record.label, "index": index}
         if self.stream == "flow":
             P = self.flow_pairs[record.id]
             starts = segment_indices(P, self.num_segments, L, mode, rng)
             stacks = self._flow_stacks(record, frame_indices(starts, L, P))  # (N, L, H, W, 2) uint8
             t = segment_times(starts, L, P)
-            if self.train:
-                x = flow_train(stacks, resize=self.resize, size=self.input_size,
-                               multi_scale=self.multi_scale, generator=gen)
-            else:
-                x = flow_to_tensor(stacks, resize=self.resize, crop=self.input_size)[:, 0]
+            x = self._flow_input(stacks, gen)
         else:
             frames, starts, T = self._rgb_frames(record, mode, rng)
             t = segment_times(starts, 1, T)
@@ -228,6 +254,62 @@ class ClipDataset(torch.utils.data.Dataset):
             else:
                 x = rgb_to_tensor(frames, resize=self.resize, crop=self.input_size, **self.norm)[:, 0]
         return {"x": x, "t": torch.from_numpy(t), "label": record.label, "index": index}
+
+    def _flow_input(self, stacks: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        """(N, L, H, W, 2) uint8 stacks -> (N, 2L, S, S): TSN augmentation in training, else the
+        centre crop."""
+        if self.train:
+            return flow_train(stacks, resize=self.resize, size=self.input_size,
+                              multi_scale=self.multi_scale, generator=gen)
+        return flow_to_tensor(stacks, resize=self.resize, crop=self.input_size)[:, 0]
+
+    def _sampled_gray(self, record: Record, mode: str, rng) -> tuple[np.ndarray, int, tuple]:
+        """Decode `record` at the flow's size and sample its segments in its T - 1 pairs.
+
+        Returns:
+            (segment starts, P = T - 1, (pairs (N, L), frame numbers (K,), gray frames (K, H, W)))
+            where the frames are both ends of every sampled pair (`to_gray`, as extract-flow).
+        """
+        from datp.flows.extract import to_gray
+        from datp.io.decode import DecodeError, read_picked
+
+        if record.is_rawframes:
+            raise ValueError(f"{record.path} is a rawframe folder: give --flows (its flow jpgs or a "
+                             "flow store); on-the-fly flow decodes videos")
+        fly, L, sampled = self.on_the_fly, self.new_length, {}
+
+        def pick(T: int) -> np.ndarray:  # called once, with the decoded frame count
+            if T < 2:
+                return np.zeros(0, np.int64)
+            sampled["starts"] = segment_indices(T - 1, self.num_segments, L, mode, rng)
+            pairs = frame_indices(sampled["starts"], L, T - 1).ravel()
+            return np.concatenate([pairs, pairs + 1])
+
+        size = {"size": tuple(fly["size"])} if fly["size"] else {"short_side": fly["short_side"] or None}
+        frames, info = read_picked(record.path, {"flow": (pick, size)})
+        if info.errors:
+            raise DecodeError(f"{record.path}: corrupt stream ({info.errors[0]}); remove the video "
+                              "from the dataset or re-encode it")
+        if "starts" not in sampled:
+            raise DecodeError(f"{record.path}: {info.num_frames} frame decoded; flow needs at least 2")
+        P = info.num_frames - 1
+        pairs = frame_indices(sampled["starts"], L, P)
+        index = np.unique(np.concatenate([pairs.ravel(), pairs.ravel() + 1]))
+        gray = np.stack([to_gray(frames["flow"][int(j)]) for j in index])
+        return sampled["starts"], P, (pairs, index, gray)
+
+    def on_device(self, batch: dict, computer) -> torch.Tensor:
+        """The flow input (B, N, 2L, S, S) of a batch of the torch backend's items (`collate`):
+        TV-L1 of every sampled pair of the batch on `computer` (a torch `FlowComputer`, one batch
+        per frame size), then each sample's augmentation from its own generator, so the input is
+        the one the opencv path's worker would make from the same flow."""
+        from datp.flows.compute import sampled_flow
+
+        videos = list(zip(batch.pop("flow_pairs"), batch.pop("flow_index"), batch.pop("flow_gray")))
+        stacks = sampled_flow(computer, videos, self.on_the_fly["bound"])
+        inputs = [self._flow_input(s, sample_generators(self.seed, int(epoch), int(index))[1])
+                  for s, epoch, index in zip(stacks, batch.pop("epoch").tolist(), batch["index"].tolist())]
+        return torch.stack(inputs)
 
     def _rgb_frames(self, record: Record, mode: str, rng) -> tuple[np.ndarray, np.ndarray, int]:
         """(N, H, W, 3) frames, their indices and T. Decoding stops at the last needed frame when
@@ -287,7 +369,21 @@ class ClipDataset(torch.utils.data.Dataset):
         return np.stack([[table[j] for j in row] for row in pairs.tolist()])
 
     def __getstate__(self) -> dict:  # workers are spawned: send everything but the open store
-        return {**self.__dict__, "_store": None}
+        return {**self.__dict__, "_store": None, "_computer": None}
+
+
+GRAY_KEYS = ("flow_pairs", "flow_index", "flow_gray")
+
+
+def collate(items: list[dict]) -> dict:
+    """`default_collate`, except that the torch flow backend's gray frames (one size per video)
+    stay lists."""
+    from torch.utils.data import default_collate
+
+    if "flow_gray" not in items[0]:
+        return default_collate(items)
+    kept = {k: [item[k] for item in items] for k in GRAY_KEYS}
+    return {**default_collate([{k: v for k, v in item.items() if k not in GRAY_KEYS} for item in items]), **kept}
 
 
 def worker_init(_worker_id: int) -> None:

@@ -98,7 +98,8 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
     norm = {"mean": model.backbone.mean, "std": model.backbone.std} if cfg.stream == "rgb" else {}
     clips = dict(stream=cfg.stream, num_segments=cfg.num_segments, new_length=cfg.new_length, flows=cfg.flows,
                  flow_pairs=pairs, short_side=cfg.short_side, resize=cfg.resize, input_size=cfg.input_size,
-                 multi_scale=cfg.multi_scale, seed=cfg.seed, **norm)
+                 multi_scale=cfg.multi_scale, seed=cfg.seed, on_the_fly=_on_the_fly(cfg), **norm)
+    flow_computer = _flow_computer(clips["on_the_fly"], ctx)
     sampler = data.EpochSampler(len(splits.train), seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     train_loader = _loader(data.ClipDataset(splits.train, train=True, **clips), sampler, cfg, ctx)
     val_loader = _eval_loader(splits.val, clips, cfg, ctx)
@@ -109,9 +110,9 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
         torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, ctx.rank, 2]).integers(2**62)))
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train = _train_epoch(net, model, train_loader, optimizer, cfg, ctx, progress, epoch)
+        train = _train_epoch(net, model, train_loader, optimizer, cfg, ctx, progress, epoch, flow_computer)
         broadcast_buffers(model, ctx)
-        val = _evaluate(model, val_loader, cfg, ctx) if splits.val else None
+        val = _evaluate(model, val_loader, cfg, ctx, flow_computer) if splits.val else None
         scheduler.step()
         history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train": train, "val": val,
                         "seconds": time.perf_counter() - started})
@@ -135,7 +136,7 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
         barrier(ctx)
 
     digest = ckpt_io.state_digest(model)  # before the best weights are loaded for the test
-    test = _test_best(model, out, splits.test, clips, cfg, ctx) if splits.test else None
+    test = _test_best(model, out, splits.test, clips, cfg, ctx, flow_computer) if splits.test else None
     if ctx.is_main:
         ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": test})
         if progress:
@@ -159,14 +160,35 @@ def _data(cfg: FinetuneConfig) -> tuple[data.Splits, list[str], dict[str, int]]:
     return splits, data.class_names(dataset, splits), pairs
 
 
+def _on_the_fly(cfg: FinetuneConfig) -> dict | None:
+    """The flow settings of a flow stream without a flow store (None otherwise)."""
+    if cfg.stream != "flow" or cfg.flows:
+        return None
+    from datp.flows.compute import FlowComputer
+
+    preset = FlowComputer(algorithm=cfg.flow_algorithm, preset=cfg.flow_preset).preset
+    return {"algorithm": cfg.flow_algorithm, "preset": preset, "backend": cfg.flow_backend,
+            "bound": cfg.flow_bound, "short_side": cfg.flow_short_side, "size": cfg.flow_size}
+
+
+def _flow_computer(on_the_fly: dict | None, ctx: Context):
+    """The torch backend's TV-L1 on this process's device (None for stored or opencv flow)."""
+    if on_the_fly is None or on_the_fly["backend"] != "torch":
+        return None
+    from datp.flows.compute import FlowComputer
+
+    return FlowComputer(algorithm=on_the_fly["algorithm"], preset=on_the_fly["preset"], backend="torch",
+                        device=str(ctx.device))
+
+
 def _test_best(model: VideoModel, out: Path, records: list, clips: dict, cfg: FinetuneConfig,
-               ctx: Context) -> dict:
+               ctx: Context, flow_computer=None) -> dict:
     """Load best.pt (read by rank 0, sent to all) into `model` and evaluate it on `records`."""
     chosen = broadcast_object(
         torch.load(out / ckpt_io.BEST, map_location="cpu", weights_only=True) if ctx.is_main else None, ctx)
     model.backbone.load_state_dict(chosen["model"])
     model.head.load_state_dict(chosen["head"])
-    return _evaluate(model, _eval_loader(records, clips, cfg, ctx), cfg, ctx)
+    return _evaluate(model, _eval_loader(records, clips, cfg, ctx), cfg, ctx, flow_computer)
 
 
 def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
@@ -213,6 +235,7 @@ def _loader(dataset, sampler, cfg: FinetuneConfig, ctx: Context):
         dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
         worker_init_fn=data.worker_init if workers else None, pin_memory=ctx.device.type == "cuda",
+        collate_fn=data.collate,
         prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
@@ -220,8 +243,10 @@ def _autocast(cfg: FinetuneConfig, ctx: Context):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda" and cfg.amp)
 
 
-def _inputs(batch: dict, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (batch["x"].to(ctx.device, non_blocking=True), batch["t"].to(ctx.device, non_blocking=True),
+def _inputs(batch: dict, loader, ctx: Context, flow_computer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, t, y) on the device; on-the-fly flow of the torch backend is computed here first."""
+    x = batch["x"] if "x" in batch else loader.dataset.on_device(batch, flow_computer)
+    return (x.to(ctx.device, non_blocking=True), batch["t"].to(ctx.device, non_blocking=True),
             batch["label"].to(ctx.device, non_blocking=True))
 
 
@@ -248,7 +273,7 @@ def train_step(net, model: VideoModel, x, t, y, optimizer, cfg: FinetuneConfig, 
     return loss.item() * len(y), int((out.logits.argmax(1) == y).sum())
 
 
-def _train_epoch(net, model, loader, optimizer, cfg, ctx, progress: bool, epoch: int) -> dict:
+def _train_epoch(net, model, loader, optimizer, cfg, ctx, progress: bool, epoch: int, flow_computer=None) -> dict:
     from tqdm import tqdm
 
     net.train()
@@ -257,7 +282,7 @@ def _train_epoch(net, model, loader, optimizer, cfg, ctx, progress: bool, epoch:
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     started = time.perf_counter()
     for batch in bar:
-        x, t, y = _inputs(batch, ctx)
+        x, t, y = _inputs(batch, loader, ctx, flow_computer)
         loss, correct = train_step(net, model, x, t, y, optimizer, cfg, ctx)
         totals += (loss, correct, len(y))
         rate = totals[2] * cfg.num_segments / (time.perf_counter() - started)
@@ -275,12 +300,12 @@ def _eval_loader(records: list, clips: dict, cfg: FinetuneConfig, ctx: Context):
 
 
 @torch.inference_mode()
-def _evaluate(model: VideoModel, loader, cfg: FinetuneConfig, ctx: Context) -> dict:
+def _evaluate(model: VideoModel, loader, cfg: FinetuneConfig, ctx: Context, flow_computer=None) -> dict:
     """Loss and accuracy of `model` over the loader's videos of all ranks."""
     model.eval()
     totals = np.zeros(3)  # loss sum, correct, videos
     for batch in loader:
-        x, t, y = _inputs(batch, ctx)
+        x, t, y = _inputs(batch, loader, ctx, flow_computer)
         with _autocast(cfg, ctx):
             logits = model(x, t).logits.float()
         totals += (F.cross_entropy(logits, y, reduction="sum").item(), int((logits.argmax(1) == y).sum()), len(y))
@@ -309,5 +334,5 @@ def _summary(out: Path, best: dict, test: dict | None) -> None:
 def config_from_json(path: str | Path) -> FinetuneConfig:
     """A FinetuneConfig from a `config.json` (lists become the tuples the fields hold)."""
     values = json.loads(Path(path).read_text())
-    tuples = ("sources", "head_options", "lr_steps")
-    return FinetuneConfig(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+    tuples = ("sources", "head_options", "lr_steps", "flow_size")
+    return FinetuneConfig(**{k: tuple(v) if k in tuples and v is not None else v for k, v in values.items()})

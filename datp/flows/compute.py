@@ -229,3 +229,35 @@ def compute_flow(
     call `datp.flows.tvl1_torch.tvl1_flow` directly.
     """
     return FlowComputer(algorithm=algorithm, preset=preset, backend=backend, device=device)(prev, next)
+
+
+def sampled_flow(computer: FlowComputer, videos: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 bound: float) -> list[np.ndarray]:
+    """Quantized flow stacks of the pairs that each video's segments read, from decoded frames.
+
+    The pairs of all `videos` that have one frame size run through `computer.pairs` together (one
+    batch for the torch backend), each pair once however many segments read it.
+
+    Args:
+        computer: the flow implementation (any backend).
+        videos: per video `(pairs, index, gray)`: pairs (N, L) pair indices (pair j is frame j to
+            frame j + 1), index (K,) the frame numbers held in gray (K, H, W) uint8, which must
+            include j and j + 1 of every pair.
+        bound: quantization bound in pixels (`datp.flows.quantize`).
+
+    Returns:
+        per video, (N, L, H, W, 2) uint8 stacks, as a flow store's pairs would be read.
+    """
+    from datp.flows.quantize import quantize
+
+    wanted = []  # (video, pair j, prev, next)
+    for v, (pairs, index, gray) in enumerate(videos):
+        at = {int(j): k for k, j in enumerate(np.asarray(index).tolist())}
+        wanted += [(v, j, gray[at[j]], gray[at[j + 1]]) for j in np.unique(pairs).tolist()]
+    tables: list[dict[int, np.ndarray]] = [{} for _ in videos]
+    for shape in dict.fromkeys(prev.shape for _, _, prev, _ in wanted):  # one batch per frame size
+        group = [w for w in wanted if w[2].shape == shape]
+        for (v, j, _, _), flow in zip(group, computer.pairs([(prev, nxt) for _, _, prev, nxt in group])):
+            tables[v][j] = quantize(flow, bound)
+    return [np.stack([[tables[v][j] for j in row] for row in np.asarray(pairs).tolist()])
+            for v, (pairs, _, _) in enumerate(videos)]

@@ -123,8 +123,11 @@ def test_lr_schedules_and_config_errors(tmp_path):
     assert [round(lr_factor(e, cosine), 12) for e in range(5)] == [1.0, round((1 + math.cos(math.pi / 4)) / 2, 12),
                                                                    0.5, round((1 + math.cos(3 * math.pi / 4)) / 2, 12),
                                                                    0.0]
-    with pytest.raises(ValueError, match="--flows"):
-        FinetuneConfig(sources=("a",), out="b", stream="flow")
+    FinetuneConfig(sources=("a",), out="b", stream="flow")  # no --flows: flow computed on the fly
+    with pytest.raises(ValueError, match="unknown tvl1 preset 'nope'"):
+        FinetuneConfig(sources=("a",), out="b", stream="flow", flow_preset="nope")
+    with pytest.raises(ValueError, match="flow_bound 0 must be > 0"):
+        FinetuneConfig(sources=("a",), out="b", stream="flow", flow_bound=0)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         FinetuneConfig(sources=("a",), out="b", head_options=("oops",))
     assert FinetuneConfig(sources=("a",), out="b", head_options=("num_gaussians=3", "input=softmax")
