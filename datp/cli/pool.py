@@ -43,13 +43,16 @@ E = defaults(EvaluateConfig)
               show_default=True, help="DATP weights: mixture of Gaussians or N discrete weights.")
 @click.option("--pooled-scores", type=click.Choice(["logits", "probs"]), default=D["pooled_scores"],
               show_default=True, help="What DATP pools per segment.")
-@click.option("--min-sigma", type=float, default=D["min_sigma"], show_default=True,
-              help="DATP: lower bound of each Gaussian's sigma (segment times span [0, 1]).")
+@click.option("--locate", type=click.Choice(["soft-argmax", "fc"]), default=D["locate"], show_default=True,
+              help="DATP: place each Gaussian at the expected time under per-segment scores (soft-argmax) "
+              "or regress its mean with the fc layers (fc, as first implemented; docs/fidelity.md).")
+@click.option("--min-sigma", type=float, default=D["min_sigma"],
+              help="DATP: lower bound of each Gaussian's sigma (segment times span [0, 1]); default: half "
+              "the segment spacing, 0.5/N (0.01 lets the Gaussians collapse onto one segment).")
 @click.option("--aux-lr-scale", type=float, default=D["aux_lr_scale"], show_default=True,
               help="DATP: the auxiliary net's learning rate relative to --lr.")
 @click.option("--aux-max-lr", type=float, default=D["aux_max_lr"], show_default=True,
-              help="DATP: cap on the auxiliary net's learning rate (0: none). docs/fidelity.md measures "
-              "--min-sigma 0.5/N --aux-lr-scale 1 --aux-max-lr 1e-3 on key-moment stores.")
+              help="DATP: cap on the auxiliary net's learning rate (0: none).")
 @click.option("--hidden", type=int, default=D["hidden"], show_default=True, help="lstm-attn cells.")
 @click.option("--attn-hidden", type=int, default=D["attn_hidden"], show_default=True,
               help="Attention MLP width (self-attn, joint-attn).")
@@ -80,7 +83,7 @@ E = defaults(EvaluateConfig)
 @user_errors
 def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_decay, seed,
                    val_fraction, score_source, datp_input, gaussians, generator, pooled_scores,
-                   min_sigma, aux_lr_scale, aux_max_lr, hidden, attn_hidden, attention, alpha, beta, dropout, loss,
+                   locate, min_sigma, aux_lr_scale, aux_max_lr, hidden, attn_hidden, attention, alpha, beta, dropout, loss,
                    standardize, device, max_ram_gb,
                    transfer_from, mmd_weight, quiet):
     """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
@@ -95,7 +98,7 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                    seed=seed, val_fraction=val_fraction, score_source=score_source,
                    datp_input=datp_input, gaussians=gaussians, generator=generator,
-                   pooled_scores=pooled_scores, min_sigma=min_sigma, aux_lr_scale=aux_lr_scale,
+                   pooled_scores=pooled_scores, locate=locate, min_sigma=min_sigma, aux_lr_scale=aux_lr_scale,
                    aux_max_lr=aux_max_lr, hidden=hidden, attn_hidden=attn_hidden,
                    attention=attention, alpha=alpha, beta=beta, dropout=dropout, loss=loss,
                    standardize=standardize, device=device, max_ram_gb=max_ram_gb,

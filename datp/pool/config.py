@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datp.pool.heads import HEADS
 from datp.pool.heads.attention import ATTENTIONS
-from datp.pool.heads.datp import DATP_INPUTS, GENERATORS, POOLED_SCORES
+from datp.pool.heads.datp import DATP_INPUTS, GENERATORS, LOCATES, POOLED_SCORES, default_min_sigma
 
 STREAM_CHOICES = ("rgb", "flow", "both")
 
@@ -27,7 +27,7 @@ LOSSES = ("ce", "bce")
 OPTION_HEADS = {
     "score_source": ("avg", "max", "datp"),
     "datp_input": ("datp",), "gaussians": ("datp",), "generator": ("datp",), "pooled_scores": ("datp",),
-    "min_sigma": ("datp",), "aux_lr_scale": ("datp",), "aux_max_lr": ("datp",),
+    "min_sigma": ("datp",), "aux_lr_scale": ("datp",), "aux_max_lr": ("datp",), "locate": ("datp",),
     "hidden": ("lstm-attn",),
     "attn_hidden": ("self-attn", "joint-attn"),
     "attention": ("self-attn",), "alpha": ("self-attn",), "beta": ("self-attn",),
@@ -57,10 +57,14 @@ class HeadConfig:
         gaussians: K Gaussians of DATP's "mog" generator.
         generator: DATP's weights generator, "mog" or "discrete".
         pooled_scores: what DATP pools: segment "logits" (default) or "probs".
-        min_sigma, aux_lr_scale, aux_max_lr: DATP's lower bound of sigma, its auxiliary net's learning
-            rate relative to `lr`, and a cap on that rate (0: none). The defaults (0.01, 0.1, none) are
-            the ones the demo's DATP learns with; the key-moment sweep's best (0.5 / N, 1, 1e-3) put
-            the demo's flow DATP at chance (docs/fidelity.md), so they are options.
+        min_sigma, aux_lr_scale, aux_max_lr: DATP's lower bound of sigma (None: half the segment
+            spacing, 0.5 / N), its auxiliary net's learning rate relative to `lr`, and a cap on that
+            rate (0: none). With `locate`, the defaults (0.5 / N, 0.1, none) are the setting that
+            learnt on both the key-moment stores and the demo's store (docs/fidelity.md); the paper
+            as first implemented here was locate "fc" with min_sigma 0.01.
+        locate: how DATP's auxiliary net places the Gaussians: "soft-argmax" (default: mu_k is the
+            expected segment time under per-segment scores of a 1x1 conv shared by all segments) or
+            "fc" (mu regressed by the fc layers from the flattened sequence, with rho and sigma).
         hidden: LSTM cells per layer (lstm-attn).
         attn_hidden: width of the attention MLP (self-attn, joint-attn).
         attention: self-attn's "softmax" or "sigmoid" attention.
@@ -96,9 +100,10 @@ class HeadConfig:
     gaussians: int = 2
     generator: str = "mog"
     pooled_scores: str = "logits"
-    min_sigma: float = 0.01
+    min_sigma: float | None = None
     aux_lr_scale: float = 0.1
     aux_max_lr: float = 0.0
+    locate: str = "soft-argmax"
     hidden: int = 512
     attn_hidden: int = 128
     attention: str = "softmax"
@@ -120,6 +125,7 @@ class HeadConfig:
                                      ("datp_input", self.datp_input, DATP_INPUTS),
                                      ("generator", self.generator, GENERATORS),
                                      ("pooled_scores", self.pooled_scores, POOLED_SCORES),
+                                     ("locate", self.locate, LOCATES),
                                      ("attention", self.attention, ATTENTIONS),
                                      ("loss", self.loss, LOSSES)):
             if value not in choices:
@@ -135,7 +141,7 @@ class HeadConfig:
         for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)} must be > 0")
-        if not self.min_sigma > 0 or not self.aux_lr_scale > 0:
+        if (self.min_sigma is not None and not self.min_sigma > 0) or not self.aux_lr_scale > 0:
             raise ValueError(f"--min-sigma {self.min_sigma} and --aux-lr-scale {self.aux_lr_scale} must be > 0")
         for name in ("weight_decay", "alpha", "beta", "max_ram_gb", "mmd_weight", "aux_max_lr"):
             if getattr(self, name) < 0:
@@ -181,8 +187,9 @@ def head_options(cfg: HeadConfig, *, score_source: str, num_classes: int, num_se
     if cfg.head == "datp":
         opts |= {"input": cfg.datp_input, "generator": cfg.generator, "num_gaussians": cfg.gaussians,
                  "pooled_scores": cfg.pooled_scores,
-                 "min_sigma": cfg.min_sigma, "aux_lr_scale": cfg.aux_lr_scale,
-                 "aux_max_lr": cfg.aux_max_lr or None}  # recorded, so a checkpoint rebuilds exactly
+                 "min_sigma": default_min_sigma(num_segments) if cfg.min_sigma is None else cfg.min_sigma,
+                 "aux_lr_scale": cfg.aux_lr_scale,
+                 "aux_max_lr": cfg.aux_max_lr or None, "locate": cfg.locate}  # recorded, so a checkpoint rebuilds exactly
         if map_size is not None:
             opts["map_size"] = map_size
     elif cfg.head == "lstm-attn":

@@ -99,6 +99,8 @@ def rebuild_head(name: str, options: dict) -> nn.Module:
     options = dict(options)
     if name == "datp" and "min_sigma" not in options:
         options["min_sigma"] = 0.01  # head checkpoints written before min_sigma was recorded used 0.01
+    if name == "datp" and "locate" not in options:
+        options["locate"] = "fc"  # and before locate was: mu from the fc layers
     if "streams" in options:
         options["streams"] = tuple(options["streams"])
     return build_head(name, **options)

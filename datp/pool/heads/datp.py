@@ -88,6 +88,7 @@ from datp.pool.heads.base import (
 GENERATORS = ("mog", "discrete")
 DATP_INPUTS = ("conv", "softmax")
 POOLED_SCORES = ("logits", "probs")
+LOCATES = ("fc", "soft-argmax")
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -210,6 +211,10 @@ class AuxNet(nn.Module):
         Returns:
             (B, out_features).
         """
+        return self.regress(F.relu(self.fc(self.temporal_features(x, mask).flatten(1))))
+
+    def temporal_features(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The temporal part's output (B, 32, num_segments), zero on masked and padded slots."""
         B, N = mask.shape
         if self.spatial is not None:
             k = self.kernel
@@ -235,7 +240,7 @@ class AuxNet(nn.Module):
         h = F.pad(h, (0, self.num_segments - N))  # (B, width, S): short inputs fill the first slots
         for conv in self.temporal:
             h = F.relu(conv(h)).masked_fill(~slots[:, None, :], 0.0)  # padded slots carry nothing
-        return self.regress(F.relu(self.fc(h.flatten(1))))
+        return h
 
 
 def default_min_sigma(num_segments: int, init_variance: float = 0.2) -> float:
@@ -276,8 +281,8 @@ class DATPHead(nn.Module):
     def __init__(self, *, num_classes: int, num_segments: int, in_channels: int = 512, input: str = "conv",
                  generator: str = "mog", num_gaussians: int = 2, pooled_scores: str = "logits",
                  score_source: str = "linear", hidden: int = 128, map_size: int = 7, dropout: float = 0.0,
-                 init_variance: float = 0.2, min_sigma: float | None = 0.01, aux_lr_scale: float = 0.1,
-                 aux_max_lr: float | None = None):
+                 init_variance: float = 0.2, min_sigma: float | None = None, aux_lr_scale: float = 0.1,
+                 aux_max_lr: float | None = None, locate: str = "soft-argmax"):
         super().__init__()
         if min_sigma is None:
             min_sigma = default_min_sigma(num_segments, init_variance)
@@ -287,7 +292,8 @@ class DATPHead(nn.Module):
         self.lr_scales = {"aux.": aux_lr_scale}
         self.lr_caps = {} if aux_max_lr is None else {"aux.": aux_max_lr}
         for name, value, choices in (("input", input, DATP_INPUTS), ("generator", generator, GENERATORS),
-                                     ("pooled_scores", pooled_scores, POOLED_SCORES)):
+                                     ("pooled_scores", pooled_scores, POOLED_SCORES),
+                                     ("locate", locate, LOCATES)):
             if value not in choices:
                 raise ValueError(f"unknown datp {name} {value!r}; choose from {list(choices)}")
         for name, value in (("num_segments", num_segments), ("num_gaussians", num_gaussians)):
@@ -302,6 +308,7 @@ class DATPHead(nn.Module):
         self.generator = generator
         self.num_gaussians = num_gaussians
         self.pooled_scores = pooled_scores
+        self.locate = locate
         self.scores = SegmentScores(source=score_source, num_classes=num_classes,
                                     in_channels=in_channels, dropout=dropout)
         K = num_gaussians
@@ -317,6 +324,18 @@ class DATPHead(nn.Module):
                 mu = torch.arange(1, K + 1, dtype=torch.float64) / (K + 1)
                 bias[K:2 * K] = torch.log(mu / (1 - mu))  # sigmoid^-1
                 bias[2 * K:] = _inverse_softplus(math.sqrt(init_variance) - min_sigma)
+        if locate == "soft-argmax":
+            # One score per slot and Gaussian from the temporal features, shared by every slot (a 1x1
+            # conv), plus a learned per-slot prior that starts mu_k near k / (K + 1); zero conv at the start.
+            rows = K if generator == "mog" else 1
+            self.aux.locate = nn.Conv1d(32, rows, 1)
+            nn.init.zeros_(self.aux.locate.weight)
+            nn.init.zeros_(self.aux.locate.bias)
+            centres = (torch.arange(num_segments, dtype=torch.float32) + 0.5) / num_segments
+            prior = torch.zeros(rows, num_segments)
+            if generator == "mog" and K > 1:
+                prior = -(centres[None, :] - torch.arange(1, K + 1)[:, None] / (K + 1)) ** 2 / (2 * 0.05)
+            self.aux.prior = nn.Parameter(prior)
 
     def _segment_scores(self, x: SegmentBatch, mask: Tensor) -> Tensor:
         B, N = mask.shape
@@ -325,12 +344,32 @@ class DATPHead(nn.Module):
                              f"segments; build it with num_segments={N} or sample fewer segments")
         return self.scores(x, mask)
 
-    def _regress(self, x: SegmentBatch, mask: Tensor, scores: Tensor) -> Tensor:
+    def _regress(self, x: SegmentBatch, mask: Tensor, scores: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The fc layers' output (B, 3K or num_segments) and, with locate="soft-argmax", the slot
+        scores (B, K or 1, N), the lowest float on masked slots."""
         if self.input == "conv":
             if x.conv is None:
                 raise ValueError("datp with input='conv' needs SegmentBatch.conv but it is None; use input='softmax'")
-            return self.aux(x.conv, mask)
-        return self.aux(torch.softmax(scores, dim=-1), mask)
+            inputs = x.conv
+        else:
+            inputs = torch.softmax(scores, dim=-1)
+        if self.locate == "fc":
+            return self.aux(inputs, mask), None
+        h = self.aux.temporal_features(inputs, mask)  # (B, 32, S)
+        raw = self.aux.regress(F.relu(self.aux.fc(h.flatten(1))))
+        N = mask.shape[1]
+        slot = (self.aux.locate(h) + self.aux.prior)[:, :, :N]
+        # the lowest float, not -inf: a row without real segments gets uniform scores, not NaN
+        return raw, slot.masked_fill(~mask[:, None, :], torch.finfo(slot.dtype).min)
+
+    def _mixture(self, x: SegmentBatch, mask: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """log rho, mu, log sigma (each (B, K)) of the mog generator. With locate="soft-argmax",
+        mu_k = sum_i softmax_i(a_ki) t_i: the expected time under the slot scores a_k."""
+        raw, slot = self._regress(x, mask, scores)
+        log_rho, mu, log_sigma = self._split(raw)
+        if slot is not None:
+            mu = (torch.softmax(slot, dim=-1) * resolve_times(x, mask)[:, None, :]).sum(dim=-1)
+        return log_rho, mu, log_sigma
 
     def _split(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, 3K) regressed values -> log rho, mu, log sigma, each (B, K)."""
@@ -343,7 +382,7 @@ class DATPHead(nn.Module):
         if self.generator != "mog":
             raise ValueError(f"mixture_params needs generator='mog', this head has {self.generator!r}")
         mask = resolve_mask(x, mask)
-        log_rho, mu, log_sigma = self._split(self._regress(x, mask, self._segment_scores(x, mask)))
+        log_rho, mu, log_sigma = self._mixture(x, mask, self._segment_scores(x, mask))
         return MixtureParams(torch.exp(log_rho), mu, torch.exp(log_sigma))
 
     def forward(self, x: SegmentBatch, mask: Tensor | None = None) -> HeadOutput:
@@ -360,11 +399,11 @@ class DATPHead(nn.Module):
         mask = resolve_mask(x, mask)
         B, N = mask.shape
         scores = self._segment_scores(x, mask)  # (B, N, C)
-        raw = self._regress(x, mask, scores)
         if self.generator == "mog":
-            log_w = mog_log_weights(resolve_times(x, mask), *self._split(raw))  # (B, N)
+            log_w = mog_log_weights(resolve_times(x, mask), *self._mixture(x, mask, scores))  # (B, N)
         else:
-            log_w = raw[:, :N]
+            raw, slot = self._regress(x, mask, scores)
+            log_w = raw[:, :N] if slot is None else slot[:, 0]
         pooled = scores if self.pooled_scores == "logits" else torch.softmax(scores, dim=-1)
         logits, weights = l2_pool_log(pooled, log_w, mask)
         return HeadOutput(zero_empty_rows(logits, mask), weights)

@@ -29,7 +29,9 @@ def close(actual, expected, what: str = "", atol: float = 1e-10):
 
 
 def datp(**options) -> DATPHead:
-    kwargs = dict(num_classes=C, num_segments=N, in_channels=CF, score_source="cached") | options
+    """A float64 head; locate="fc" (mu from the fc layers) unless given, as the tests of Eq. 1-4 read
+    the fc regression layer."""
+    kwargs = dict(num_classes=C, num_segments=N, in_channels=CF, score_source="cached", locate="fc") | options
     return DATPHead(**kwargs).double()
 
 
@@ -263,3 +265,56 @@ def test_larger_maps_are_averaged_after_the_7x7_conv(make_batch):
     torch.nn.init.normal_(head.aux.regress.weight, std=0.5)
     out = head(make_batch(size=9, dtype=torch.float64))
     assert torch.isfinite(out.logits).all() and out.logits.shape == (B, C)
+
+
+# ---------------------------------------------------------------- locate="soft-argmax"
+
+
+def test_soft_argmax_mu_is_the_expected_time_under_the_slot_scores(make_batch):
+    head = datp(locate="soft-argmax").eval()
+    torch.nn.init.normal_(head.aux.locate.weight, std=0.5)  # so that each video gets its own scores
+    x = make_batch(dtype=torch.float64)
+    mask = torch.tensor([[True] * N, [True, True, True, False, False]])
+    rho, mu, sigma = head.mixture_params(x, mask)
+    h = head.aux.temporal_features(x.conv, mask)
+    a = (torch.einsum("oc,bcs->bos", head.aux.locate.weight[:, :, 0], h) + head.aux.locate.bias[None, :, None]
+         + head.aux.prior[None]).detach().numpy()  # (B, K, S): the 1x1 conv by hand
+    t = x.t.numpy()
+    for b in range(B):
+        n = int(mask[b].sum())
+        p = np.exp(a[b, :, :n]) / np.exp(a[b, :, :n]).sum(axis=1, keepdims=True)  # padded slots take no share
+        close(mu[b], p @ t[b, :n], f"mu = sum_i softmax(a)_i t_i (video {b})")
+    assert not torch.allclose(mu[0], mu[1]), "mu should depend on the video"
+    out = head(x, mask)
+    w = eq1(x.t, rho, mu, sigma) * mask.numpy()
+    close(out.weights, w / np.sqrt((w**2).sum(axis=1, keepdims=True)), "Eq. 1 then Eq. 3 with these mu")
+
+
+def test_soft_argmax_starts_input_independent_with_mu_near_k_over_k_plus_1(make_batch):
+    head = datp(locate="soft-argmax", num_gaussians=2).eval()
+    x = make_batch(dtype=torch.float64)
+    x = x._replace(t=((torch.arange(N, dtype=torch.float64) + 0.5) / N).expand(B, N))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    rho, mu, sigma = head.mixture_params(x, mask)
+    assert torch.allclose(mu[0], mu[1]) and torch.allclose(sigma, torch.full_like(sigma, math.sqrt(0.2)))
+    assert mu[0, 0] < 0.45 < 0.55 < mu[0, 1], mu  # the two Gaussians start apart, so they can differ
+    loss = head(x, mask).logits.logsumexp(1).sum()
+    loss.backward()
+    assert head.aux.locate.weight.grad.abs().sum() > 0, "the slot scorer must get a gradient at the start"
+
+
+def test_discrete_soft_argmax_pools_with_the_slot_scores(make_batch):
+    head = datp(generator="discrete", locate="soft-argmax").eval()
+    torch.nn.init.normal_(head.aux.locate.weight, std=0.5)
+    x = make_batch(dtype=torch.float64)
+    mask = torch.tensor([[True] * N, [True, True, False, False, False]])
+    _, slot = head._regress(x, mask, head._segment_scores(x, mask))
+    w = torch.exp(slot[:, 0]).masked_fill(~mask, 0.0)
+    close(head(x, mask).weights, w / w.norm(dim=1, keepdim=True), "weights = exp(a_i) / ||exp(a)||_2")
+
+
+def test_head_checkpoints_without_the_new_options_rebuild_as_the_paper(make_batch):
+    from datp.pool.runs import rebuild_head
+
+    head = rebuild_head("datp", {"num_classes": C, "num_segments": N, "in_channels": CF, "score_source": "cached"})
+    assert (head.locate, head.min_sigma) == ("fc", 0.01)
