@@ -12,7 +12,13 @@ from pathlib import Path
 
 from datp.pool.heads import HEADS
 from datp.pool.heads.attention import ATTENTIONS
-from datp.pool.heads.datp import DATP_INPUTS, GENERATORS, LOCATES, POOLED_SCORES, default_min_sigma
+from datp.pool.heads.datp import (
+    DATP_INPUTS,
+    GENERATORS,
+    LOCATES,
+    POOLED_SCORES,
+    default_min_sigma,
+)
 
 STREAM_CHOICES = ("rgb", "flow", "both")
 
