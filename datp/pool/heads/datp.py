@@ -15,7 +15,8 @@ Choices the paper leaves open, made here:
   rho = softmax_k(r_rho), so rho_k >= 0 and sum_k rho_k = 1 (S does not change when all rho_k are
   scaled together, so fixing their sum removes a useless degree of freedom);
   mu = sigmoid(r_mu), in (0, 1) like the segment times;
-  sigma = min_sigma + softplus(r_sigma) > min_sigma (0.01 by default; see "Settings measured" below).
+  sigma = min_sigma + softplus(r_sigma) > min_sigma (half the segment spacing, 0.5 / N, by default;
+  see "Settings measured" below).
   Unconstrained mu and an exp(r_sigma) were tried first: under Adam the regressed values ran off
   to mu = -25, sigma = 1e-11 within ten steps on a synthetic problem, and the weights became NaN.
 - Initialisation: the regression layer (the second fc) starts with zero weights and a bias giving
@@ -23,8 +24,18 @@ Choices the paper leaves open, made here:
 - Stability: w is computed in log space (log-sum-exp over the Gaussians) and rescaled by its
   largest entry before Eq. 3; S is invariant to the scale of w, so this is exact and keeps narrow
   Gaussians far from every segment from underflowing to all-zero weights.
+- Where the Gaussians go (`locate`). The paper has the auxiliary net regress mu; "fc" does so with
+  the fc layers above (mu = sigmoid(r_mu)), which read the flattened sequence, so where a cue sits
+  is learnt separately for every slot position. "soft-argmax" (the default) scores every slot with
+  one 1x1 conv shared by all slots on the temporal features h_i, plus a learned per-slot prior:
+  a_ki = v_k . h_i + b_k + p_ki, and takes mu_k = sum_i softmax_i(a_k) t_i, the expected segment
+  time under those scores (a differentiable arg max; still a ConvNet regressing mu). rho and sigma
+  come from the fc layers in both. The conv starts at zero and the prior at
+  -(c_i - k/(K+1))^2 / 0.1 (slot centres c_i; 0 for K = 1), so the initial mixture is the same for
+  every input and the K means start apart, as with "fc".
 - `discrete` generator: the fc regresses one weight per segment slot, w_i = exp(r_i) > 0 (equal
-  weights at the start).
+  weights at the start); with `locate="soft-argmax"` the slot scores are the log-weights,
+  w_i = exp(a_i).
 - The fc layers read the flattened (32 x num_segments) temporal features, so the head is built for
   at most `num_segments` slots; shorter inputs are padded with masked slots at the end, and padded
   slots are zeroed after every layer so they carry nothing into the fc.
@@ -34,27 +45,32 @@ Choices the paper leaves open, made here:
 - The softmax input of the auxiliary net is softmax(I_i), not detached: with a linear segment
   classifier, the auxiliary net's gradient also reaches it (end-to-end, as in the paper).
 
-Settings measured (issue 13; key-moment stores of `datp.synth.keymoments`, 64x7x7 maps, 6 classes, 720
-train / 180 test videos, `train-head` defaults: Adam lr 1e-3, batch 32, 30 epochs; tuned on seeds 0-1,
-the sweep in docs/fidelity.md reports held-out seeds). On those stores two other settings helped;
-on the demo's store (real extraction of synthetic videos, not used for tuning) each of them put the
-flow DATP at chance, so the defaults stay as they were and the key-moment settings are options:
-- `min_sigma` (default 0.01; key-moment setting 0.5 / N, half the segment spacing). With a frozen,
-  perfect segment classifier and only the auxiliary net training, sigma fell to the 0.01 floor within
-  the first epochs on 10 segments: neighbours of a segment get exp(-50) of its weight, d w / d mu is
-  0 and mu stays where it was (test top-1 0.13-0.18). A floor of half the spacing keeps mu trainable.
-- The auxiliary net's Adam step (default lr / 10, `aux_lr_scale=0.1`; key-moment setting
-  `aux_lr_scale=1, aux_max_lr=1e-3`; the paper uses one rate: `aux_lr_scale=1, aux_max_lr=None`).
-  On three key-moment constructions (seeds 0-1) K=1/K=2 test top-1 went from 0.44-0.89 (lr/10,
-  floor 0.01) to 0.93-1.00 (1e-3, floor 0.5/N); 3e-4 gave 0.81-0.98; at 1e-2 the net collapses.
-- Held out, the demo's flow store (`datp demo`, 200 train videos, lr 3e-3, 100 epochs, seed 0), datp
-  K=1 flow test top-1: 0.50 with the defaults, 0.22 with `min_sigma` 0.5/N alone, 0.22 with the
-  key-moment step alone (chance 0.20); the discrete generator likewise 0.22 with the new step. Over
-  seeds 0-2 (bench/ablations.py): the key-moment settings 0.22-0.24 on every seed, K=1 and K=2; the
-  defaults K=2 0.55, 0.35, 0.65 and K=1 0.50, 0.28, 0.20 (fragile themselves, but above chance).
-- Not changed, measured: `init_variance` 0.05 instead of the paper's 0.2 (0.52-0.94, no better),
-  `pooled_scores="probs"`, a lower classifier step (`lr_scales` 0.03-0.1 on `scores.`): none moved
-  the failing construction below off chance.
+Settings measured (issue 13; docs/fidelity.md has the tables). Chosen on seeds 0-1 of eleven
+key-moment constructions of `datp.synth.keymoments` (300 / 100 videos, train-head's defaults: Adam
+lr 1e-3, batch 32, 30 epochs) and on the demo's store (`datp demo`, seed-0 data, training seeds 0-2:
+160 + 40 train videos, lr 3e-3, 100 epochs); reported on held-out seeds (sweep seeds 10-12, a demo
+made with seed 1).
+- Why DATP did not learn as first implemented (fc, `min_sigma` 0.01): the Gaussians collapse. sigma
+  falls to its floor within a few epochs, a Gaussian that narrow gives one segment all the weight and
+  its neighbours exp(-50) of it, d w / d mu is ~0 and mu stays where it was. On the demo's flow store
+  (training seed 1, soft-argmax with the 0.01 floor) every test video ended with its whole weight on
+  the same segment (slot 4 of 10), top-1 at chance. fc with the old defaults over training seeds 0-2:
+  K=1 0.50 / 0.28 / 0.20, K=2 0.55 / 0.35 / 0.65 (max pooling 0.70 / 0.72 / 0.65).
+- `min_sigma` 0.5 / N (half the segment spacing; was 0.01) keeps d w / d mu alive. With "fc" it was
+  not enough on the demo (0.22 at seed 0); a whole spacing (1 / N) was worse (0.17-0.28).
+- `locate="soft-argmax"` with that floor, the auxiliary step unchanged: the demo's flow K=1 0.65 /
+  0.67 / 0.61 and K=2 0.64 / 0.67 / 0.59 (training seeds 0-2); held out, the demo made with seed 1:
+  flow K=1 0.63 (fc, old defaults: 0.23), K=2 0.68 (0.61), rgb K=1 0.78 (0.67), K=2 0.78 (0.69); the
+  sweep's held-out seeds: K=2 0.97 on `N5-d1.0` (fc, old defaults, tuning seeds: 0.77-0.81).
+- The auxiliary net's Adam step stays lr / 10 (`aux_lr_scale=0.1`): lr * 0.3 or min(lr, 1e-3)
+  raised DATP on key-moment stores (K=1 0.96-1.00 on `N5-d1.0-map4`, 0.89-0.92 on `N5-d1.0-noise2`,
+  tuning seeds) but collapsed the demo's flow K=1 on one training seed of three (0.25; with the
+  per-slot prior frozen too). The paper uses one rate: `aux_lr_scale=1, aux_max_lr=None`.
+- Tried, not taken: Eq. 3 with an L1 norm (weights summing to 1) instead of L2 (fc, 22 store-seeds:
+  mean top-1 K=1 0.53 vs 0.56, K=2 0.54 vs 0.55, with the key-moment step 0.71 vs 0.69); a frozen
+  per-slot prior (demo and key-moment stores within 0.05 of the learned one); `init_variance` 0.05
+  instead of the paper's 0.2 (0.52-0.94, no better); `pooled_scores="probs"`; a slower segment
+  classifier (`lr_scales` 0.03-0.1 on `scores.`).
 
 Where DATP cannot learn (measured, docs/fidelity.md): with near-uniform initial weights DATP starts as
 average pooling, and the linear segment classifier learns from pooled scores. A class c then gains
@@ -63,8 +79,10 @@ loses about (N - L) s from the videos where it is the confuser (N - L segments a
 weight p_c = 1/C). When L (C - 1) < (N - L) s the classifier learns the inverted scores (a segment
 showing c counts against c: key segments classified right fell from 8% to 0% in 10 epochs), and the
 auxiliary net, whose only signal is these scores, then learns to avoid the key (mean mu against key
-time: correlation -0.6). This is a stable point of the paper's model trained end to end from a
-random segment classifier; lower rates, sharper or broader Gaussians do not leave it.
+time: correlation -0.6). With `locate="fc"` this is a stable point of the paper's model trained end to
+end from a random segment classifier; lower rates, sharper or broader Gaussians do not leave it
+(`tests/pool/test_keymoments.py` checks the inverted classifier with "fc"). "soft-argmax" does not
+leave it either on the sweep's held-out seeds (issue13: K=1 0.21, K=2 0.19; chance 0.17).
 """
 
 from __future__ import annotations
@@ -244,7 +262,7 @@ class AuxNet(nn.Module):
 
 
 def default_min_sigma(num_segments: int, init_variance: float = 0.2) -> float:
-    """The key-moment setting of the lower bound of sigma (`min_sigma=None`): half the segment spacing,
+    """The default lower bound of sigma (`min_sigma=None`): half the segment spacing,
     0.5 / N (at most half the initial standard deviation); see the module docstring ("Settings measured")."""
     return min(0.5 / max(num_segments, 1), 0.5 * math.sqrt(init_variance))
 
@@ -269,8 +287,9 @@ class DATPHead(nn.Module):
             covers min(7, map_size) positions.
         dropout: dropout before the linear segment classifier.
         init_variance: sigma_k^2 at initialisation (the paper's 0.2).
-        min_sigma: lower bound of sigma_k; None: half the segment spacing, 0.5 / num_segments (capped
-            at half the initial sigma). See the module docstring ("Settings measured").
+        min_sigma: lower bound of sigma_k; None (default): half the segment spacing, 0.5 / num_segments
+            (capped at half the initial sigma). See the module docstring ("Settings measured").
+        locate: "soft-argmax" (default) or "fc": how mu is regressed (module docstring).
         aux_lr_scale: the auxiliary net's learning rate relative to the classifier's (`lr_scales`,
             read by `heads.param_groups`).
         aux_max_lr: the largest learning rate of the auxiliary net (`lr_caps`); None: no cap.
