@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tables-from", nargs="+", metavar="JSON",
                         help="print the tables of earlier --json outputs (their seeds together) and exit")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # as the demo and the sweep train heads: the same floating-point order, the same cells
     if args.tables_from:
         saved = [json.loads(Path(p).read_text()) for p in args.tables_from]
         print(f"{', '.join(args.tables_from)}: seeds {[s for x in saved for s in x['settings']['seeds']]}; "

@@ -2,8 +2,8 @@
 
 For each construction and seed, a small key-moment feature store is written to a temporary folder
 and every head is trained on it in one study (`train_heads`) at train-head's defaults (30 epochs, lr
-1e-3, batch 32; only the seed changes; `--datp-fc`: DATP as first implemented, mu from the fc layers
-with the earlier key-moment settings): avg, max, datp (mog K=1, mog K=2, discrete),
+1e-3, batch 32; only the seed changes; `--datp-set KEY=VALUE ...` changes HeadConfig fields of the
+DATP columns, e.g. `locate=fc min_sigma=0.01`, DATP's defaults before this release): avg, max, datp (mog K=1, mog K=2, discrete),
 lstm-attn (`--lstm-hidden` cells, 512 by default), self-attn, and joint-attn when the store has two streams. The table gives test top-1 as mean +- std over the seeds, the
 construction's balance r = L (C - 1) / ((N - L) s) (mean key length L, C classes, N segments,
 distractor strength s; "-" without a single confuser; see docs/fidelity.md), and the acceptance check
@@ -13,7 +13,7 @@ of issue 13: DATP mog (K=1 and K=2) >= 0.9 x the best head where the best reache
 Seeds 10, 11, 12 are the default: DATP's defaults were chosen on seeds 0 and 1 (and the demo's store).
 
 Run: python bench/sweep.py [--seeds 10 11 12] [--only NAME ...] [--train 300] [--test 100]
-     [--heads COLUMN ...] [--lstm-hidden 512] [--datp-fc] [--json OUT.json]
+     [--heads COLUMN ...] [--lstm-hidden 512] [--datp-set KEY=VALUE ...] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ CONSTRUCTIONS = {
     "N10-none-key1-2": {"distractor": "none"},
     "N5-d1.0-two-streams": {"num_segments": 5, "distractor_strength": 1.0, "streams": ("rgb", "flow")},
 }
-# DATP as first implemented (mu from the fc layers) with the key-moment settings it needed there
-# (docs/fidelity.md): sigma floor half the segment spacing (the default now), auxiliary net at min(lr, 1e-3).
-FC_KEY_MOMENT = {"locate": "fc", "aux_lr_scale": 1.0, "aux_max_lr": 1e-3}
 HEADS = {  # column -> (head, options)
     "avg": ("avg", {}), "max": ("max", {}), "datp-K1": ("datp", {"gaussians": 1}), "datp-K2": ("datp", {}),
     "datp-disc": ("datp", {"generator": "discrete"}), "lstm-attn": ("lstm-attn", {}), "self-attn": ("self-attn", {}),
@@ -116,10 +113,18 @@ def main(argv=None) -> int:
                         help="columns to run (default: all, lstm-attn included at its default 512 cells)")
     parser.add_argument("--lstm-hidden", type=int, default=512,
                         help="lstm-attn's cells (train-head's default 512; the demo trains 128: ~16x fewer FLOPs)")
-    parser.add_argument("--datp-fc", action="store_true",
-                        help="train the DATP columns as first implemented (mu from the fc layers, key-moment settings)")
+    parser.add_argument("--datp-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="HeadConfig fields for the DATP columns (JSON values, else strings), e.g. "
+                        "locate=fc min_sigma=0.01")
     parser.add_argument("--json", help="also write the per-seed results here")
     args = parser.parse_args(argv)
+    datp = {}
+    for item in args.datp_set:
+        key, _, text = item.partition("=")
+        try:
+            datp[key] = json.loads(text)
+        except json.JSONDecodeError:
+            datp[key] = text
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     names = args.only or list(CONSTRUCTIONS)
     results, started = {}, time.perf_counter()
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
                 cfg = KeyMomentConfig(seed=seed, n_train=args.train, n_test=args.test, **CONSTRUCTIONS[name])
                 folder = Path(tmp) / f"{name}-{seed}"
                 folder.mkdir()
-                per_seed.append(run_one(cfg, folder, args.heads, FC_KEY_MOMENT if args.datp_fc else None, args.lstm_hidden))
+                per_seed.append(run_one(cfg, folder, args.heads, datp, args.lstm_hidden))
                 print(f"{name} seed {seed}: " + " ".join(f"{k} {v:.2f}" for k, v in per_seed[-1].items()),
                       f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
             results[name] = per_seed

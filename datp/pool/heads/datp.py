@@ -68,7 +68,7 @@ made with seed 1).
   per-slot prior frozen too). The paper uses one rate: `aux_lr_scale=1, aux_max_lr=None`.
 - Tried, not taken: Eq. 3 with an L1 norm (weights summing to 1) instead of L2 (fc, 22 store-seeds:
   mean top-1 K=1 0.53 vs 0.56, K=2 0.54 vs 0.55, with the key-moment step 0.71 vs 0.69); a frozen
-  per-slot prior (demo and key-moment stores within 0.05 of the learned one); `init_variance` 0.05
+  per-slot prior (demo and key-moment stores within 0.06 of the learned one); `init_variance` 0.05
   instead of the paper's 0.2 (0.52-0.94, no better); `pooled_scores="probs"`; a slower segment
   classifier (`lr_scales` 0.03-0.1 on `scores.`).
 
