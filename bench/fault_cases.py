@@ -197,13 +197,20 @@ def kill9(kind: str, lists: dict, folder: Path, *, kills: int = 5, seed: int = 0
             return Outcome(False, f"a worker outlived its parent killed at {what}")
         parts = _parts(parts_dir)
         landed.append(f"{what} {'mid-run, ' + str(parts) + ' parts' if running else 'too late'}")
+    ok, detail = _rerun_equals(kind, lists, out, ref)
+    mid = sum("mid-run" in x for x in landed)
+    return Outcome(ok and mid >= 1, f"{detail}; {mid} of {kills} kills mid-run "
+                   f"({'; '.join(landed)}); no worker outlived its parent")
+
+
+def _rerun_equals(kind: str, lists: dict, out: Path, ref: Path) -> tuple[bool, str]:
+    """Rerun the whole list into `out`: (ok, detail), ok when it exits 0 and `out` equals `ref`, the
+    uninterrupted run."""
     code, err = run(kind, lists["all"], out)
     if code != 0:
-        return Outcome(False, f"rerun exit {code}: {err.strip()[-300:]}")
+        return False, f"rerun exit {code}: {err.strip()[-300:]}"
     result = same(out, ref)
-    mid = sum("mid-run" in x for x in landed)
-    return Outcome(result.ok and mid >= 1, f"{result.detail}; {mid} of {kills} kills mid-run "
-                   f"({'; '.join(landed)}); no worker outlived its parent")
+    return result.ok, f"rerun {result.detail}"
 
 
 def sigterm(kind: str, lists: dict, folder: Path) -> Outcome:
@@ -228,11 +235,8 @@ def sigterm(kind: str, lists: dict, folder: Path) -> Outcome:
         return Outcome(False, "a process of the job outlived SIGTERM")
     if proc.returncode != 130 or "Traceback" in err:
         return Outcome(False, f"exit {proc.returncode}: {err.strip()[-3000:]}")
-    code, err2 = run(kind, lists["all"], out)
-    if code != 0:
-        return Outcome(False, f"rerun exit {code}: {err2.strip()[-300:]}")
-    result = same(out, ref)
-    return Outcome(result.ok, f"exit 130, no process left; rerun {result.detail}")
+    ok, detail = _rerun_equals(kind, lists, out, ref)
+    return Outcome(ok, f"exit 130, no process left; {detail}")
 
 
 def concurrent(kind: str, lists: dict, folder: Path) -> Outcome:
@@ -268,12 +272,8 @@ def disk_full(kind: str, lists: dict, folder: Path, *, where: str) -> Outcome:
             where == "part" and ".parts/" not in err):
         return Outcome(False, f"exit {code}, stderr {err.strip()[-300:]!r}")
     kept = len(list(Path(f"{out}.parts").glob("*.h5")))
-    code, err2 = run(kind, lists["all"], out)
-    if code != 0:
-        return Outcome(False, f"rerun exit {code}: {err2.strip()[-300:]}")
-    result = same(out, ref)
-    return Outcome(result.ok, f"exit 2 with {err.strip()[12:90]!r}...; {kept} parts kept; "
-                   f"rerun {result.detail}")
+    ok, detail = _rerun_equals(kind, lists, out, ref)
+    return Outcome(ok, f"exit 2 with {err.strip()[12:90]!r}...; {kept} parts kept; {detail}")
 
 
 def _leave_parts(kind: str, lists: dict, out: Path) -> list[Path]:
