@@ -54,7 +54,7 @@ from datp.pool.train import train_heads
 from datp.synth.keymoments import KeyMomentConfig, write_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import CONSTRUCTIONS  # noqa: E402  (bench/ is not a package)
+from sweep import CONSTRUCTIONS, field_value, head_fields  # noqa: E402  (bench/ is not a package)
 
 # row -> (head, HeadConfig overrides). "datp" is the paper's full model (mog K=2, conv input).
 ROWS = {
@@ -77,15 +77,6 @@ TABLES = {  # table -> [(label, row or row:scheme)]
                                                       ("P3 (avg-trained, avg pooling)", "avg"), ("DATP", "datp")],
     "Extra rows": [("max pooling", "max"), ("lstm-attn", "lstm-attn"), ("self-attn", "self-attn")],
 }
-
-
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return None if text == "none" else text
 
 
 def _fuse(logits: dict[str, np.ndarray], labels: np.ndarray, class_names) -> float:
@@ -211,19 +202,14 @@ def main(argv=None) -> int:
         return 0
     if (args.store is None) == (args.construction is None):
         parser.error("give a STORE or --construction NAME (one of them)")
-    datp = {}
-    for item in args.datp:
-        key, sep, text = item.partition("=")
-        if not sep or key not in defaults:
-            parser.error(f"--datp {item!r}: give KEY=VALUE with KEY a HeadConfig field, e.g. min_sigma=0.05")
-        datp[key] = _value(text)
+    datp = head_fields(args.datp, "--datp", parser.error)
     extra = {}
     for item in args.extra:
         name, sep, text = item.partition("=")
         pairs = [p.partition(":") for p in text.split(",") if p]
         if not sep or name in ROWS or any(not c or k not in defaults for k, c, _ in pairs):
             parser.error(f"--extra {item!r}: give NAME=KEY:VALUE,... with a new NAME and HeadConfig fields")
-        extra[name] = {k: _value(v) for k, _, v in pairs}
+        extra[name] = {k: field_value(v) for k, _, v in pairs}
     train = {"all": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size},
              "lstm-attn": {"hidden": args.lstm_hidden}}
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="datp-ablations-"))

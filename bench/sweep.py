@@ -55,6 +55,29 @@ HEADS = {  # column -> (head, options)
 }
 
 
+def field_value(text: str):
+    """A command-line value: an int, else a float, "none" -> None, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text == "none" else text
+
+
+def head_fields(items: list[str], flag: str, error) -> dict:
+    """KEY=VALUE strings -> {HeadConfig field: value} (`field_value`); `error(message)` is called for
+    an item that is not KEY=VALUE with KEY a HeadConfig field (argparse's `parser.error`)."""
+    names = {f.name for f in dataclasses.fields(HeadConfig)}
+    fields = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in names:
+            error(f"{flag} {item!r}: give KEY=VALUE with KEY a HeadConfig field, e.g. min_sigma=0.05")
+        fields[key] = field_value(text)
+    return fields
+
+
 def balance(cfg: KeyMomentConfig) -> float | None:
     """r = L (C - 1) / ((N - L) s): > 1 when a segment classifier trained through average pooling
     scores key content for its class (see docs/fidelity.md); None without a single confuser."""
@@ -114,17 +137,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lstm-hidden", type=int, default=512,
                         help="lstm-attn's cells (train-head's default 512; the demo trains 128: ~16x fewer FLOPs)")
     parser.add_argument("--datp-set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="HeadConfig fields for the DATP columns (JSON values, else strings), e.g. "
+                        help="HeadConfig fields for the DATP columns (numbers, none, else strings), e.g. "
                         "locate=fc min_sigma=0.01")
     parser.add_argument("--json", help="also write the per-seed results here")
     args = parser.parse_args(argv)
-    datp = {}
-    for item in args.datp_set:
-        key, _, text = item.partition("=")
-        try:
-            datp[key] = json.loads(text)
-        except json.JSONDecodeError:
-            datp[key] = text
+    datp = head_fields(args.datp_set, "--datp-set", parser.error)
     torch.set_num_threads(1)  # small models: one thread is fastest on a shared machine
     names = args.only or list(CONSTRUCTIONS)
     results, started = {}, time.perf_counter()
