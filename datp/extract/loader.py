@@ -291,7 +291,10 @@ class VideoItems(torch.utils.data.Dataset):
         if "flow" in cfg.streams:
             pairs = frame_indices(starts, cfg.new_length, P)  # (N, L) pair indices
             if self.flow.get("backend") == "torch" and self.flow["source"] == "on-the-fly":
-                out.update(_gray_frames(flow_frames, pairs))  # flow: `device_flow` in the main process
+                from datp.flows.compute import gray_pairs
+
+                # flow: computed by `device_flow` in the main process
+                out["flow_pairs"], out["flow_index"], out["flow_gray"] = gray_pairs(flow_frames, pairs)
                 return out
             stacks = self._flow_pairs(record, flow_frames, T, pairs)  # (N, L, H, W, 2) uint8
             out["flow"] = flow_to_tensor(stacks, resize=cfg.resize, crop=cfg.input_size,
@@ -338,12 +341,10 @@ class VideoItems(torch.utils.data.Dataset):
                                  f"segments read pair {needed.max() + 1}; its video decodes to {T} frames")
             table = read_flow_pairs(flow_folder(self.flow["source"], record), needed, layout)
         elif self.flow["source"] == "on-the-fly":
-            from datp.flows.compute import FlowComputer, sampled_flow
+            from datp.flows.compute import FlowComputer, gray_pairs, sampled_flow
 
             computer = FlowComputer(algorithm=self.flow["algorithm"], preset=self.flow["preset"])
-            gray = _gray_frames(frames, pairs)
-            video = (gray["flow_pairs"], gray["flow_index"], gray["flow_gray"])
-            return sampled_flow(computer, [video], self.flow["bound"])[0]
+            return sampled_flow(computer, [gray_pairs(frames, pairs)], self.flow["bound"])[0]
         elif Path(self.flow["source"]).is_dir():
             from datp.flows.jpg import read_flow_pairs, video_dir
 
@@ -363,14 +364,6 @@ class VideoItems(torch.utils.data.Dataset):
             data = self._reader.flow(record.id, needed)
             table = dict(zip(needed.tolist(), data))
         return np.stack([[table[j] for j in row] for row in pairs])
-
-
-def _gray_frames(frames: dict, pairs: np.ndarray) -> dict:
-    """The grayscale frames (K, H, W) uint8 that the flow pairs `pairs` (N, L) read, for `device_flow`."""
-    from datp.flows.extract import to_gray
-
-    index = np.unique(np.concatenate([pairs.ravel(), pairs.ravel() + 1]))
-    return {"flow_pairs": pairs, "flow_index": index, "flow_gray": np.stack([to_gray(frames[j]) for j in index])}
 
 
 def device_flow(item: dict, computer, cfg: FeatureConfig, bound: float) -> None:

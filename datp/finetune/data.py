@@ -270,7 +270,7 @@ class ClipDataset(torch.utils.data.Dataset):
             (segment starts, P = T - 1, (pairs (N, L), frame numbers (K,), gray frames (K, H, W)))
             where the frames are both ends of every sampled pair (`to_gray`, as extract-flow).
         """
-        from datp.flows.extract import to_gray
+        from datp.flows.compute import gray_pairs
         from datp.io.decode import DecodeError, read_picked
 
         if record.is_rawframes:
@@ -293,10 +293,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if "starts" not in sampled:
             raise DecodeError(f"{record.path}: {info.num_frames} frame decoded; flow needs at least 2")
         P = info.num_frames - 1
-        pairs = frame_indices(sampled["starts"], L, P)
-        index = np.unique(np.concatenate([pairs.ravel(), pairs.ravel() + 1]))
-        gray = np.stack([to_gray(frames["flow"][int(j)]) for j in index])
-        return sampled["starts"], P, (pairs, index, gray)
+        return sampled["starts"], P, gray_pairs(frames["flow"], frame_indices(sampled["starts"], L, P))
 
     def on_device(self, batch: dict, computer) -> torch.Tensor:
         """The flow input (B, N, 2L, S, S) of a batch of the torch backend's items (`collate`):

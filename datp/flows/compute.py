@@ -231,6 +231,17 @@ def compute_flow(
     return FlowComputer(algorithm=algorithm, preset=preset, backend=backend, device=device)(prev, next)
 
 
+def gray_pairs(frames: dict, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What `sampled_flow` reads of one video: `(pairs, index, gray)`, the frame numbers `index` (K,)
+    of both ends of every pair in `pairs` (N, L) and those frames of `frames` ({number: (H, W, 3) RGB})
+    in grayscale (K, H, W) uint8 (`datp.flows.extract.to_gray`, as extract-flow)."""
+    from datp.flows.extract import to_gray  # extract imports this module
+
+    pairs = np.asarray(pairs)
+    index = np.unique(np.concatenate([pairs.ravel(), pairs.ravel() + 1]))
+    return pairs, index, np.stack([to_gray(frames[int(j)]) for j in index])
+
+
 def sampled_flow(computer: FlowComputer, videos: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                  bound: float) -> list[np.ndarray]:
     """Quantized flow stacks of the pairs that each video's segments read, from decoded frames.
@@ -240,9 +251,9 @@ def sampled_flow(computer: FlowComputer, videos: list[tuple[np.ndarray, np.ndarr
 
     Args:
         computer: the flow implementation (any backend).
-        videos: per video `(pairs, index, gray)`: pairs (N, L) pair indices (pair j is frame j to
-            frame j + 1), index (K,) the frame numbers held in gray (K, H, W) uint8, which must
-            include j and j + 1 of every pair.
+        videos: per video `(pairs, index, gray)` (`gray_pairs`): pairs (N, L) pair indices (pair j
+            is frame j to frame j + 1), index (K,) the frame numbers held in gray (K, H, W) uint8,
+            which must include j and j + 1 of every pair.
         bound: quantization bound in pixels (`datp.flows.quantize`).
 
     Returns:

@@ -49,7 +49,11 @@ class AuxNet(nn.Module):
         Returns:
             (B, out_features).
         """
-        return self.regress(F.relu(self.fc(self.temporal_features(x, mask).flatten(1))))
+        return self.read_out(self.temporal_features(x, mask))
+
+    def read_out(self, h: Tensor) -> Tensor:
+        """The fc layers on the temporal features (B, 32, num_segments) -> (B, out_features)."""
+        return self.regress(F.relu(self.fc(h.flatten(1))))
 
     def temporal_features(self, x: Tensor, mask: Tensor) -> Tensor:
         """The temporal part's output (B, 32, num_segments), zero on masked and padded slots."""

@@ -303,7 +303,7 @@ class DATPHead(nn.Module):
         if self.locate == "fc":
             return self.aux(inputs, mask), None
         h = self.aux.temporal_features(inputs, mask)  # (B, 32, S)
-        raw = self.aux.regress(F.relu(self.aux.fc(h.flatten(1))))
+        raw = self.aux.read_out(h)
         N = mask.shape[1]
         slot = (self.aux.locate(h) + self.aux.prior)[:, :, :N]
         # the lowest float, not -inf: a row without real segments gets uniform scores, not NaN
