@@ -38,9 +38,8 @@ def main() -> None:
     if not CLIPS.is_dir():
         sys.exit(f"{CLIPS} is absent: the benchmark needs the shared real clips")
 
+    from datp.flows.compute import FlowComputer, set_single_thread, to_gray
     from datp.io.clips import write_video  # the lossless FFV1 writer of the tests
-    from datp.flows.compute import FlowComputer, set_single_thread
-    from datp.flows.extract import to_gray
     from datp.io.decode import read_video
 
     sources = sorted(CLIPS.rglob("*.mp4"))[: args.clips]

@@ -63,7 +63,7 @@ def clip_pairs(clips_root: str | Path, *, pairs: int = 4, start: int = 10, short
                size: tuple[int, int] | None = None, clips=CLIPS) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(name, prev, next) grayscale frame pairs: `pairs` consecutive pairs from frame `start` of
     each clip, decoded and resized as extract-flow does (`short_side` or `size` (W, H))."""
-    from datp.flows.extract import to_gray
+    from datp.flows.compute import to_gray
     from datp.io.decode import iter_frames
 
     for clip in clips:

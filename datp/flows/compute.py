@@ -231,12 +231,16 @@ def compute_flow(
     return FlowComputer(algorithm=algorithm, preset=preset, backend=backend, device=device)(prev, next)
 
 
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB uint8 -> (H, W) uint8 luma (OpenCV's BT.601 weights, as denseflow): the one
+    grayscale rule of every flow input."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
 def gray_pairs(frames: dict, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What `sampled_flow` reads of one video: `(pairs, index, gray)`, the frame numbers `index` (K,)
     of both ends of every pair in `pairs` (N, L) and those frames of `frames` ({number: (H, W, 3) RGB})
-    in grayscale (K, H, W) uint8 (`datp.flows.extract.to_gray`, as extract-flow)."""
-    from datp.flows.extract import to_gray  # extract imports this module
-
+    in grayscale (K, H, W) uint8 (`to_gray`, as extract-flow)."""
     pairs = np.asarray(pairs)
     index = np.unique(np.concatenate([pairs.ravel(), pairs.ravel() + 1]))
     return pairs, index, np.stack([to_gray(frames[int(j)]) for j in index])

@@ -1,6 +1,6 @@
 """`datp extract-flow`: optical flow for every video of a dataset, resumable and parallel.
 
-Each video is decoded (`datp.io.decode`), resized, turned to grayscale (`to_gray`, the one
+Each video is decoded (`datp.io.decode`), resized, turned to grayscale (`datp.flows.compute.to_gray`, the one
 conversion every flow path uses, so on-the-fly flow in extract-features matches stored flow),
 and every consecutive pair goes through a `FlowComputer`; flow is quantized and streamed to the
 parent in chunks, which writes an HDF5 part per video (`datp.flows.store`) or a TSN/denseflow
@@ -14,10 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from datp.flows.compute import FlowComputer, set_single_thread
+from datp.flows.compute import FlowComputer, set_single_thread, to_gray
 from datp.flows.quantize import quantize
 from datp.io import datasets
 from datp.io.atomic import isolated
@@ -92,11 +91,6 @@ class FlowConfig:
         """What the output records: the config plus the algorithm's full parameters."""
         flow = FlowComputer(algorithm=self.algorithm, preset=self.preset)
         return {**asdict(self), "preset": flow.preset, "flow_params": flow.params}
-
-
-def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB uint8 -> (H, W) uint8 luma (OpenCV's BT.601 weights, as denseflow)."""
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
 
 def flow_job(record: Record, emit, *, cfg: FlowConfig) -> dict:
