@@ -46,6 +46,9 @@ E = defaults(EvaluateConfig)
 @click.option("--locate", type=click.Choice(["soft-argmax", "fc"]), default=D["locate"], show_default=True,
               help="DATP: place each Gaussian at the expected time under per-segment scores (soft-argmax) "
               "or regress its mean with the fc layers (fc, as first implemented; docs/fidelity.md).")
+@click.option("--aux-center/--no-aux-center", default=D["aux_center"], show_default=True,
+              help="DATP: the auxiliary net subtracts each video's mean segment features before its temporal "
+              "convs, so it sees how each segment differs from the rest (--no-aux-center: as first implemented).")
 @click.option("--min-sigma", type=float, default=D["min_sigma"],
               help="DATP: lower bound of each Gaussian's sigma (segment times span [0, 1]); default: half "
               "the segment spacing, 0.5/N (0.01 lets the Gaussians collapse onto one segment).")
@@ -53,6 +56,9 @@ E = defaults(EvaluateConfig)
               help="DATP: the auxiliary net's learning rate relative to --lr.")
 @click.option("--aux-max-lr", type=float, default=D["aux_max_lr"], show_default=True,
               help="DATP: cap on the auxiliary net's learning rate (0: none).")
+@click.option("--aux-warmup", type=float, default=D["aux_warmup"], show_default=True,
+              help="DATP: share of the epochs over which the auxiliary net's rate rises linearly to its "
+              "value (0: none).")
 @click.option("--hidden", type=int, default=D["hidden"], show_default=True, help="lstm-attn cells.")
 @click.option("--attn-hidden", type=int, default=D["attn_hidden"], show_default=True,
               help="Attention MLP width (self-attn, joint-attn).")
@@ -83,7 +89,8 @@ E = defaults(EvaluateConfig)
 @user_errors
 def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_decay, seed,
                    val_fraction, score_source, datp_input, gaussians, generator, pooled_scores,
-                   locate, min_sigma, aux_lr_scale, aux_max_lr, hidden, attn_hidden, attention, alpha, beta, dropout, loss,
+                   locate, aux_center, min_sigma, aux_lr_scale, aux_max_lr, aux_warmup, hidden, attn_hidden, attention,
+                   alpha, beta, dropout, loss,
                    standardize, device, max_ram_gb,
                    transfer_from, mmd_weight, quiet):
     """Train a pooling head on a feature store; pick the epoch on validation, evaluate on test.
@@ -98,8 +105,8 @@ def train_head_cmd(features, head, stream, out, epochs, batch_size, lr, weight_d
     options = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                    seed=seed, val_fraction=val_fraction, score_source=score_source,
                    datp_input=datp_input, gaussians=gaussians, generator=generator,
-                   pooled_scores=pooled_scores, locate=locate, min_sigma=min_sigma, aux_lr_scale=aux_lr_scale,
-                   aux_max_lr=aux_max_lr, hidden=hidden, attn_hidden=attn_hidden,
+                   pooled_scores=pooled_scores, locate=locate, aux_center=aux_center, min_sigma=min_sigma,
+                   aux_lr_scale=aux_lr_scale, aux_max_lr=aux_max_lr, aux_warmup=aux_warmup, hidden=hidden, attn_hidden=attn_hidden,
                    attention=attention, alpha=alpha, beta=beta, dropout=dropout, loss=loss,
                    standardize=standardize, device=device, max_ram_gb=max_ram_gb,
                    transfer_from=str(transfer_from) if transfer_from else None, mmd_weight=mmd_weight)

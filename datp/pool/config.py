@@ -34,6 +34,7 @@ OPTION_HEADS = {
     "score_source": ("avg", "max", "datp"),
     "datp_input": ("datp",), "gaussians": ("datp",), "generator": ("datp",), "pooled_scores": ("datp",),
     "min_sigma": ("datp",), "aux_lr_scale": ("datp",), "aux_max_lr": ("datp",), "locate": ("datp",),
+    "aux_center": ("datp",), "aux_warmup": ("datp",),
     "hidden": ("lstm-attn",),
     "attn_hidden": ("self-attn", "joint-attn"),
     "attention": ("self-attn",), "alpha": ("self-attn",), "beta": ("self-attn",),
@@ -53,7 +54,7 @@ class HeadConfig:
         stream: "rgb", "flow", or "both" (joint-attn only; other heads train one run per stream,
             fused with `datp evaluate`).
         epochs, batch_size: training epochs; videos per step.
-        lr, weight_decay: Adam's (DATP's auxiliary net steps at min(lr, 1e-3)).
+        lr, weight_decay: Adam's (DATP's auxiliary net steps at lr x `aux_lr_scale`).
         seed: seed of the initialisation, the validation split, the epoch order and dropout.
         val_fraction: share of the train videos held out to pick the epoch (0: keep the last).
         score_source: per-segment class scores of avg/max/datp: "cached" (the store's logits, frozen),
@@ -65,12 +66,18 @@ class HeadConfig:
         pooled_scores: what DATP pools: segment "logits" (default) or "probs".
         min_sigma, aux_lr_scale, aux_max_lr: DATP's lower bound of sigma (None: half the segment
             spacing, 0.5 / N), its auxiliary net's learning rate relative to `lr`, and a cap on that
-            rate (0: none). With `locate`, the defaults (0.5 / N, 0.1, none) are the setting that
-            learnt on both the key-moment stores and the demo's store (docs/fidelity.md); the paper
-            as first implemented here was locate "fc" with min_sigma 0.01.
+            rate (0: none). With `locate` and `aux_center`, the defaults (0.5 / N, 0.3, none) are the
+            setting that learnt on both the key-moment stores and the demo's store (docs/fidelity.md);
+            the paper as first implemented here was locate "fc", min_sigma 0.01, aux_lr_scale 0.1,
+            aux_center off.
         locate: how DATP's auxiliary net places the Gaussians: "soft-argmax" (default: mu_k is the
             expected segment time under per-segment scores of a 1x1 conv shared by all segments) or
             "fc" (mu regressed by the fc layers from the flattened sequence, with rho and sigma).
+        aux_center: DATP's auxiliary net subtracts each video's mean segment features before its
+            temporal convs, so it sees how a segment differs from the rest (default; off: as first
+            implemented).
+        aux_warmup: share of the epochs over which DATP's auxiliary net's rate rises linearly to
+            lr x aux_lr_scale (0.3 by default; 0: the full rate from the first step, as first implemented).
         hidden: LSTM cells per layer (lstm-attn).
         attn_hidden: width of the attention MLP (self-attn, joint-attn).
         attention: self-attn's "softmax" or "sigmoid" attention.
@@ -107,9 +114,11 @@ class HeadConfig:
     generator: str = "mog"
     pooled_scores: str = "logits"
     min_sigma: float | None = None
-    aux_lr_scale: float = 0.1
+    aux_lr_scale: float = 0.3
     aux_max_lr: float = 0.0
     locate: str = "soft-argmax"
+    aux_center: bool = True
+    aux_warmup: float = 0.3
     hidden: int = 512
     attn_hidden: int = 128
     attention: str = "softmax"
@@ -149,6 +158,8 @@ class HeadConfig:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)} must be > 0")
         if (self.min_sigma is not None and not self.min_sigma > 0) or not self.aux_lr_scale > 0:
             raise ValueError(f"--min-sigma {self.min_sigma} and --aux-lr-scale {self.aux_lr_scale} must be > 0")
+        if not 0 <= self.aux_warmup <= 1:
+            raise ValueError(f"--aux-warmup {self.aux_warmup} is a share of the epochs: give a value in [0, 1]")
         for name in ("weight_decay", "alpha", "beta", "max_ram_gb", "mmd_weight", "aux_max_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)} must be >= 0")
@@ -195,7 +206,8 @@ def head_options(cfg: HeadConfig, *, score_source: str, num_classes: int, num_se
                  "pooled_scores": cfg.pooled_scores,
                  "min_sigma": default_min_sigma(num_segments) if cfg.min_sigma is None else cfg.min_sigma,
                  "aux_lr_scale": cfg.aux_lr_scale,
-                 "aux_max_lr": cfg.aux_max_lr or None, "locate": cfg.locate}  # recorded, so a checkpoint rebuilds exactly
+                 "aux_max_lr": cfg.aux_max_lr or None, "locate": cfg.locate,
+                 "aux_center": cfg.aux_center, "aux_warmup": cfg.aux_warmup}  # recorded, so a checkpoint rebuilds exactly
         if map_size is not None:
             opts["map_size"] = map_size
     elif cfg.head == "lstm-attn":

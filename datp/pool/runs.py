@@ -101,6 +101,10 @@ def rebuild_head(name: str, options: dict) -> nn.Module:
         options["min_sigma"] = 0.01  # head checkpoints written before min_sigma was recorded used 0.01
     if name == "datp" and "locate" not in options:
         options["locate"] = "fc"  # and before locate was: mu from the fc layers
+    if name == "datp" and "aux_center" not in options:
+        options["aux_center"] = False  # and before aux_center was: the auxiliary net's input as is
+    if name == "datp" and "aux_warmup" not in options:
+        options["aux_warmup"] = 0.0  # and before aux_warmup was: no warm-up
     if "streams" in options:
         options["streams"] = tuple(options["streams"])
     return build_head(name, **options)

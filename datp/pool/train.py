@@ -21,7 +21,8 @@ before the chosen state is fixed.
   std over the training videos' real segments (`ChannelNorm`); the statistics go into the checkpoint
   and every later reader (`load_run`, `run_data`) applies them, so evaluate/localize see what
   training saw.
-- Optimiser: Adam on `heads.param_groups(head, lr)` (DATP's auxiliary net steps at min(lr, 1e-3)),
+- Optimiser: Adam on `heads.param_groups(head, lr)` (DATP's auxiliary net steps at 0.3 x lr, reached
+  linearly over the first 30% of the epochs: `heads.warm_up`),
   with `weight_decay`. Loss: cross-entropy, plus `alpha` (smoothness) and `beta` (sparsity) times
   `SelfAttnHead.regularizer` for self-attn. Heads without parameters (avg/max on cached scores) are
   only evaluated.
@@ -64,7 +65,7 @@ from datp.io.device import resolve_device
 from datp.io.splits import better_epoch
 from datp.pool.config import HeadConfig, head_options, needs_conv
 from datp.pool.data import SegmentData, dataset_classes, head_input, split_rows, store_summary
-from datp.pool.heads import HEADS, param_groups
+from datp.pool.heads import HEADS, param_groups, warm_up
 from datp.pool.metrics import metrics, multilabel_metrics
 from datp.pool.mmd import MAX_ROWS, cap_rows, segment_rows, transfer_loss
 from datp.pool.predict import predict_many
@@ -318,6 +319,7 @@ def _train(cfgs: Sequence[HeadConfig], outs: Sequence[Path], *, progress: bool) 
                 trims = {}
                 for m in active:
                     m.head.train()
+                    warm_up(m.optimizer, epoch, m.epochs)  # DATP's auxiliary net (param_groups)
                     m.rng, m.loss = start_state, [0.0, 0, 0.0, 0]
                     if m.transfer is not None:
                         trims[id(m)] = (m.transfer.batches(epoch, steps=-(-len(order) // first.batch_size),

@@ -199,6 +199,18 @@ def test_same_seed_gives_identical_runs_and_another_seed_does_not(stores, proble
     assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0]), "seed 1 gave the weights of seed 0"
 
 
+def test_train_head_warms_the_auxiliary_net_up_epoch_by_epoch(stores, problem, tmp_path):
+    """aux_warmup 1 over 2 epochs: epoch 1 at half the auxiliary rate (0.3 lr x 1/2), exactly a run
+    without warm-up at aux_lr_scale 0.15; epoch 2 at the full rate, where the two part."""
+    store = problem_store(stores, problem, "key")
+    warm = train_head(config(store, tmp_path / "warm", "datp", epochs=2, batch_size=64, aux_warmup=1.0),
+                      progress=False)
+    half = train_head(config(store, tmp_path / "half", "datp", epochs=2, batch_size=64, aux_warmup=0.0,
+                             aux_lr_scale=0.15), progress=False)
+    assert warm["history"][0] == half["history"][0]
+    assert warm["history"][1]["train_loss"] != half["history"][1]["train_loss"]
+
+
 @pytest.mark.parametrize("name", ["datp", "joint-attn"])
 def test_streaming_from_the_store_equals_ram(name, stores, problem, tmp_path):
     store = problem_store(stores, problem, "key", two_streams=name == "joint-attn")
@@ -252,6 +264,8 @@ def test_user_errors_are_one_clear_line(stores, problem, tmp_path):
         HeadConfig(features=str(store), out=str(tmp_path), head="avg", gaussians=3)
     with pytest.raises(ValueError, match=r"unknown head 'tsn'; choose from \['avg'"):
         HeadConfig(features=str(store), out=str(tmp_path), head="tsn")
+    with pytest.raises(ValueError, match=r"--aux-warmup 1.5 is a share of the epochs: give a value in \[0, 1\]"):
+        HeadConfig(features=str(store), out=str(tmp_path), aux_warmup=1.5)
     with pytest.raises(ValueError, match=r"--datp-input 'rgb' is not one of \['conv', 'softmax'\]"):
         HeadConfig(features=str(store), out=str(tmp_path), datp_input="rgb")
     with pytest.raises(StoreError, match="has no 'flow/conv'; run datp extract-features --streams flow first"):

@@ -9,7 +9,7 @@ and the conventions on masks and all-masked rows.
 - `pooling.py`: the `avg` (TSN consensus) and `max` baselines.
 - `datp.py`: Deep Adaptive Temporal Pooling (mixture of Gaussians or discrete weights).
 - `attention.py`: `lstm-attn`, `self-attn` (with TSRNet's regulariser) and `joint-attn`.
-- `registry.py`: `HEADS`, `build_head(name, **kwargs)`, `param_groups(head, lr)`.
+- `registry.py`: `HEADS`, `build_head(name, **kwargs)`, `param_groups(head, lr)`, `warm_up(optimizer, epoch, epochs)`.
 
 Every constructor is keyword-only and accepts `num_classes`, `num_segments` and `in_channels`, so
 `build_head(name, num_classes=C, num_segments=N, in_channels=Cf, **options)` works for any name.
@@ -24,8 +24,8 @@ when the head has none (avg, max and datp on cached scores).
 
 from datp.pool.heads.base import HeadOutput, SegmentBatch, default_score_source
 from datp.pool.heads.pooling import AvgHead, MaxHead
-from datp.pool.heads.registry import HEADS, build_head, param_groups
+from datp.pool.heads.registry import HEADS, build_head, param_groups, warm_up
 
 __all__ = [
-    "HEADS", "AvgHead", "HeadOutput", "MaxHead", "SegmentBatch", "build_head", "default_score_source", "param_groups",
+    "HEADS", "AvgHead", "HeadOutput", "MaxHead", "SegmentBatch", "build_head", "default_score_source", "param_groups", "warm_up",
 ]

@@ -16,8 +16,11 @@ class AuxNet(nn.Module):
     the paper's 7x7 conv over the whole 7x7 map of a ResNet at 224; smaller maps (a ResNet at 112 gives
     4x4) get a conv over their whole map (maps larger than k x k
     are averaged over the remaining positions), then the temporal part. softmax input (B, N, C):
-    the temporal part directly. Temporal part: two convs over segments (kernel 3, zero padding) to
-    32 channels + ReLU, fc to `hidden` + ReLU, fc (the regression layer) to `out_features`.
+    the temporal part directly. With `center`, each segment's vector (64 features or C probabilities)
+    has its mean over the video's real segments subtracted first, so the temporal part sees how a
+    segment differs from the rest of its video. Temporal part: two convs over segments (kernel 3,
+    zero padding) to 32 channels + ReLU, fc to `hidden` + ReLU, fc (the regression layer) to
+    `out_features`.
 
     Args:
         in_channels: Cf (conv input) or C (softmax input).
@@ -26,12 +29,14 @@ class AuxNet(nn.Module):
         input: "conv" or "softmax".
         hidden: width of the first fc layer.
         map_size: H (= W) of the conv maps the head will read (conv input).
+        center: subtract each video's mean segment vector before the temporal part.
     """
 
     def __init__(self, *, in_channels: int, num_segments: int, out_features: int, input: str, hidden: int,
-                 map_size: int = 7):
+                 map_size: int = 7, center: bool = False):
         super().__init__()
         self.num_segments = num_segments
+        self.center = center
         self.kernel = min(7, map_size)
         self.spatial = nn.Conv2d(in_channels, 64, kernel_size=self.kernel) if input == "conv" else None
         width = 64 if input == "conv" else in_channels
@@ -77,7 +82,11 @@ class AuxNet(nn.Module):
                 else:
                     h = F.relu(self.spatial(x.flatten(0, 1)))  # (B*N, 64, H-k+1, W-k+1)
                     x = h.mean(dim=(-2, -1)).view(B, N, -1)  # (B, N, 64)
-        h = x.masked_fill(~mask[..., None], 0.0).transpose(1, 2)  # (B, width, N)
+        x = x.masked_fill(~mask[..., None], 0.0)  # (B, N, width)
+        if self.center:  # minus the mean over the real segments (an all-masked row stays zero)
+            count = mask.sum(dim=1, keepdim=True).clamp_min(1)[..., None]  # (B, 1, 1)
+            x = (x - x.sum(dim=1, keepdim=True) / count).masked_fill(~mask[..., None], 0.0)
+        h = x.transpose(1, 2)  # (B, width, N)
         slots = F.pad(mask, (0, self.num_segments - N), value=False)  # (B, S)
         h = F.pad(h, (0, self.num_segments - N))  # (B, width, S): short inputs fill the first slots
         for conv in self.temporal:

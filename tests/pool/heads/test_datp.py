@@ -317,4 +317,23 @@ def test_head_checkpoints_without_the_new_options_rebuild_as_the_paper(make_batc
     from datp.pool.runs import rebuild_head
 
     head = rebuild_head("datp", {"num_classes": C, "num_segments": N, "in_channels": CF, "score_source": "cached"})
-    assert (head.locate, head.min_sigma) == ("fc", 0.01)
+    assert (head.locate, head.min_sigma, head.aux.center) == ("fc", 0.01, False)
+
+
+def test_centering_subtracts_each_videos_mean_over_its_real_segments():
+    from datp.pool.heads.aux import AuxNet
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(B, N, C, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * N, [True, True, True, False, False]])
+    centred = AuxNet(in_channels=C, num_segments=N, out_features=4, input="softmax", hidden=8, center=True).double()
+    plain = AuxNet(in_channels=C, num_segments=N, out_features=4, input="softmax", hidden=8).double()
+    plain.load_state_dict(centred.state_dict())
+    by_hand = x.clone()
+    by_hand[0] -= x[0].mean(dim=0)
+    by_hand[1, :3] -= x[1, :3].mean(dim=0)  # padded slots 3, 4 do not count, whatever they hold
+    by_hand[1, 3:] = 1e3
+    close(centred.temporal_features(x, mask), plain.temporal_features(by_hand, mask), "centred = x - mean of real")
+    same = x[:, :1].expand(B, N, C)  # every segment alike: nothing to tell them apart
+    close(centred.temporal_features(same, mask), plain.temporal_features(torch.zeros_like(x), mask),
+          "identical segments = zero input")

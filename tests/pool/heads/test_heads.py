@@ -16,6 +16,7 @@ from datp.pool.heads import (
     build_head,
     default_score_source,
     param_groups,
+    warm_up,
 )
 from datp.pool.heads.base import (
     SegmentScores,
@@ -136,7 +137,23 @@ def test_param_groups_scale_datp_auxiliary_net_only(make_head):
     groups = param_groups(head, 0.01)
     by_lr = {round(g["lr"], 12): {id(p) for p in g["params"]} for g in groups}
     aux = {id(p) for p in head.aux.parameters()}
-    assert by_lr == {0.001: aux, 0.01: {id(p) for p in head.parameters()} - aux}
+    assert by_lr == {0.003: aux, 0.01: {id(p) for p in head.parameters()} - aux}
+
+
+@pytest.mark.parametrize("warmup, epochs, expected", [
+    (0.3, 10, [1 / 3, 2 / 3, 1, 1, 1]),  # W = round(0.3 x 10) = 3 epochs
+    (0.3, 30, [1 / 9, 2 / 9, 3 / 9, 4 / 9]),  # train-head's default 30 epochs: full rate from epoch 9
+    (0.01, 10, [1, 1]),  # W is at least one epoch: the full rate from the start
+    (0.0, 10, [1, 1]),
+])
+def test_warm_up_raises_the_auxiliary_rate_linearly_and_leaves_the_classifier(make_head, warmup, epochs, expected):
+    head = build_head("datp", num_classes=C, num_segments=N, in_channels=CF, aux_warmup=warmup)
+    optimizer = torch.optim.Adam(param_groups(head, 0.01))
+    aux = {id(p) for p in head.aux.parameters()}
+    for epoch, factor in enumerate(expected):
+        warm_up(optimizer, epoch, epochs)
+        rates = {("aux" if id(g["params"][0]) in aux else "classifier"): g["lr"] for g in optimizer.param_groups}
+        assert rates == pytest.approx({"aux": 0.003 * factor, "classifier": 0.01}), f"epoch {epoch}"
 
 
 # ---------------------------------------------------------------- every head: masks, gradients
