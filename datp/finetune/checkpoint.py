@@ -6,8 +6,9 @@
   epoch and of the epoch with the best validation accuracy. They load in `datp extract-features
   --weights`; their `head` is the head's state_dict and their `config` is the FinetuneConfig plus
   `head_kwargs` (every constructor argument of the head), `epoch` and `val`, so
-  `build_head(config["head"], **config["head_kwargs"]).load_state_dict(ckpt["head"])` rebuilds it
-  (`load_head` does this);
+  `rebuild_head(config["head"], config["head_kwargs"]).load_state_dict(ckpt["head"])` rebuilds it
+  (`load_head` does this; `datp.pool.runs.rebuild_head` gives options that a checkpoint written
+  before they existed lacks the value they had then, e.g. DATP's `aux_center=False`);
 - `resume.pt`: what `--resume` needs: the whole model, the optimizer (momentum buffers), the
   scheduler, the finished epoch count, the history and the best epoch so far;
 - `metrics.json`: per-epoch history, best epoch, test result.
@@ -67,7 +68,7 @@ def load_head(checkpoint: str | Path | dict) -> nn.Module:
     Returns:
         The head in eval mode.
     """
-    from datp.pool.heads import build_head
+    from datp.pool.runs import rebuild_head
 
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(
         checkpoint, map_location="cpu", weights_only=True)
@@ -75,7 +76,7 @@ def load_head(checkpoint: str | Path | dict) -> nn.Module:
     if ckpt.get("head") is None or "head_kwargs" not in config:
         raise ValueError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the checkpoint'} holds no "
                          "finetuned head (it was not written by datp finetune)")
-    head = build_head(config["head"], **config["head_kwargs"])
+    head = rebuild_head(config["head"], config["head_kwargs"])
     head.load_state_dict(ckpt["head"])
     return head.eval()
 

@@ -71,6 +71,10 @@ def test_checkpoint_round_trip_and_run_folder(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["history"] == result["history"] and result["test"]["videos"] == 2
     assert result["best_val"]["videos"] == 2  # 0.34 of 3 training videos per class
+    # A checkpoint written before aux_center existed trained without centring, and rebuilds so.
+    kwargs = {k: v for k, v in ckpt["config"]["head_kwargs"].items() if k not in ("aux_center", "aux_warmup")}
+    old = {**ckpt, "config": {**ckpt["config"], "head_kwargs": kwargs}}
+    assert load_head(ckpt).aux.center and not load_head(old).aux.center
 
 
 @pytest.mark.slow
