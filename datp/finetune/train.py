@@ -38,6 +38,7 @@ from datp.finetune.distributed import (
 from datp.finetune.model import VideoModel, build_model, param_groups
 from datp.io.atomic import OutputLocked, output_lock
 from datp.io.splits import better_epoch
+from datp.pool.runs import recorded_options
 
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
@@ -81,7 +82,7 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
                                 lr=cfg.lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg))
     out = Path(cfg.out)
-    state = broadcast_object(_start(cfg, out, ctx) if ctx.is_main else None, ctx)
+    state = broadcast_object(_start(cfg, out, ctx, head_kwargs) if ctx.is_main else None, ctx)
     if "error" in state:
         raise ValueError(state["error"])
     if "model" in state:
@@ -129,7 +130,7 @@ def _run(cfg: FinetuneConfig, ctx: Context, progress: bool) -> dict:
             ckpt_io.save_resume(out / ckpt_io.RESUME, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history, "best": best,
-                "config": cfg.plain(), "world_size": ctx.world_size})
+                "config": cfg.plain(), "head_kwargs": head_kwargs, "world_size": ctx.world_size})
             ckpt_io.write_json(out / ckpt_io.METRICS, {"history": history, "best": best, "test": None})
             if progress:
                 _report(history[-1], cfg.epochs)
@@ -191,9 +192,11 @@ def _test_best(model: VideoModel, out: Path, records: list, clips: dict, cfg: Fi
     return _evaluate(model, _eval_loader(records, clips, cfg, ctx), cfg, ctx, flow_computer)
 
 
-def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
+def _start(cfg: FinetuneConfig, out: Path, ctx: Context, head_kwargs: dict) -> dict:
     """Rank 0: a fresh start (writing config.json) or the resume state; errors are returned so that
-    every rank can raise them."""
+    every rank can raise them. A resumed head must be built as the run's was: the same options give
+    another head when a default changed between releases (DATP's aux_center), so the head's
+    constructor arguments are compared too (from last.pt for resume files that do not hold them)."""
     resume = out / ckpt_io.RESUME
     fresh = {"epoch": 0, "history": [], "best": {"epoch": None, "val": None}}
     if not cfg.resume:
@@ -212,11 +215,23 @@ def _start(cfg: FinetuneConfig, out: Path, ctx: Context) -> dict:
         state = ckpt_io.load_resume(resume)
     except ValueError as err:
         return {"error": str(err)}
+    recorded = state.get("head_kwargs")
+    if recorded is None and (out / ckpt_io.LAST).is_file():
+        recorded = torch.load(out / ckpt_io.LAST, map_location="cpu", weights_only=True)["config"].get("head_kwargs")
     now, then = cfg.plain(), state["config"]
-    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUMABLE_CHANGES)
+    # With the head's recorded arguments, those decide (--head-option may restate an old default).
+    free = RESUMABLE_CHANGES + (("head_options",) if recorded is not None else ())
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in free)
     if changed:
         return {"error": f"{out} was run with other settings ({', '.join(changed)} differ); resume with the "
                          "same options (only --epochs, --workers and --device may change)"}
+    if recorded is not None:
+        recorded = recorded_options(cfg.head, recorded)
+        differ = sorted(k for k in set(head_kwargs) | set(recorded) if recorded.get(k) != head_kwargs.get(k))
+        if differ:
+            options = " ".join(f"--head-option {k}={json.dumps(recorded[k])}" for k in differ if k in recorded)
+            return {"error": f"{out} was trained with another head ({', '.join(differ)} differ, e.g. a default "
+                             f"changed since); resume with the run's head options{': ' + options if options else ''}"}
     if state["world_size"] != ctx.world_size:
         print(f"note: {out} ran on {state['world_size']} processes, now {ctx.world_size}: the sample "
               "order changes from here on", file=sys.stderr)

@@ -96,6 +96,13 @@ def _fresh_folder(out: Path, kind: str) -> Iterator[Path]:
 
 def rebuild_head(name: str, options: dict) -> nn.Module:
     """`build_head(name, **options)` from options as JSON holds them (lists where heads take tuples)."""
+    return build_head(name, **recorded_options(name, options))
+
+
+def recorded_options(name: str, options: dict) -> dict:
+    """The constructor options of a recorded head, with the value that each option a checkpoint written
+    before it existed lacks had then (DATP: `min_sigma` 0.01, `locate` "fc", `aux_center` False,
+    `aux_warmup` 0); lists where heads take tuples."""
     options = dict(options)
     if name == "datp" and "min_sigma" not in options:
         options["min_sigma"] = 0.01  # head checkpoints written before min_sigma was recorded used 0.01
@@ -107,7 +114,7 @@ def rebuild_head(name: str, options: dict) -> nn.Module:
         options["aux_warmup"] = 0.0  # and before aux_warmup was: no warm-up
     if "streams" in options:
         options["streams"] = tuple(options["streams"])
-    return build_head(name, **options)
+    return options
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -114,6 +114,30 @@ def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(tmp_path):
     assert module_main([str(tmp_path / "cfg.json"), "--quiet"]) == 2  # the runnable entry: one-line error
 
 
+def test_a_run_from_before_a_head_default_changed_resumes_only_with_its_old_head(tmp_path):
+    """A DATP run written before aux_center existed (its resume.pt without head_kwargs, its last.pt's
+    head_kwargs without aux_center / aux_warmup) trained without centring: resuming it with today's
+    defaults would train another head, so it is refused with the options that rebuild the old one,
+    and resumes with them."""
+    cfg = tiny(tmp_path / "run", head="datp", head_options=("input=softmax",))
+    finetune(cfg, progress=False)
+    run = tmp_path / "run"
+    state = _load(run / "resume.pt")
+    del state["head_kwargs"]
+    torch.save(state, run / "resume.pt")
+    last = _load(run / "last.pt")
+    for key in ("aux_center", "aux_warmup"):
+        del last["config"]["head_kwargs"][key]
+    torch.save(last, run / "last.pt")
+    with pytest.raises(ValueError, match=r"another head \(aux_center, aux_warmup differ.*"
+                                         r"--head-option aux_center=false --head-option aux_warmup=0.0"):
+        finetune(replace(cfg, epochs=cfg.epochs + 1, resume=True), progress=False)
+    old = replace(cfg, epochs=cfg.epochs + 1, resume=True,
+                  head_options=cfg.head_options + ("aux_center=false", "aux_warmup=0.0"))
+    finetune(old, progress=False)
+    assert not load_head(run / "last.pt").aux.center
+
+
 @pytest.mark.slow
 def test_checkpoint_loads_in_extract_features_with_the_same_logits_and_its_head_in_stage_two(tmp_path):
     cfg = tiny(tmp_path / "run", head="avg")
